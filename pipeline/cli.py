@@ -1,0 +1,186 @@
+"""The `avatarize` command.
+
+    avatarize run [--config FILE] [--input DIR] [--output DIR] [--workdir DIR]
+                  [--stage NAME ...] [--force] [--set KEY=VALUE ...]
+    avatarize status [--config FILE]
+    avatarize sample-data DIR [--videos N] [--seed S]
+    avatarize doctor
+
+Exit codes: 0 every video succeeded; 1 the run finished but some videos failed;
+2 usage or configuration error (the message names the key and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path("pipeline.yaml")
+EXIT_OK, EXIT_FAILED_VIDEOS, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("avatarize")
+
+
+def _environment_defaults() -> None:
+    # Rendering without a display, and never a download at run time.
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("ANNY_CACHE_DIR", str(Path.home() / ".cache/avatarize/anny"))
+    # mediapipe / TF Lite / absl are chatty on stderr.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _stage_models() -> dict:
+    from stages import stage_classes
+
+    return {cls.name: cls.config_model for cls in stage_classes()}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    run_overrides = {
+        "input": getattr(args, "input", None),
+        "output": getattr(args, "output", None),
+        "workdir": getattr(args, "workdir", None),
+    }
+    if getattr(args, "no_progress", False):
+        run_overrides["progress"] = False
+    cfg = load_config(path, _stage_models(), getattr(args, "set", None) or [], run_overrides)
+    # Paths given on the command line are relative to where the command runs.
+    for key in ("input", "output", "workdir"):
+        value = run_overrides[key]
+        if value is not None:
+            setattr(cfg.run, key, Path(value).resolve())
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.dataset import check_layout, discover
+    from pipeline.runner import Runner
+    from stages import stage_classes
+
+    cfg = _load(args)
+    check_layout(cfg.run.input, cfg.run.output, cfg.run.workdir)
+    videos = discover(cfg.run.input)
+    if not videos:
+        raise ConfigError(f"run.input: no videos found in {cfg.run.input}")
+    cfg.run.output.mkdir(parents=True, exist_ok=True)
+    runner = Runner(cfg, stage_classes())
+    log.info("%d videos from %s", len(videos), cfg.run.input)
+    started = time.perf_counter()
+    report = runner.run(videos, selected=args.stage, force=args.force)
+    elapsed = time.perf_counter() - started
+    computed = sum(len(o.computed) for o in report.outcomes)
+    reused = sum(len(o.reused) for o in report.outcomes)
+    print(
+        f"{len(report.outcomes) - len(report.failed)}/{len(report.outcomes)} videos ok, "
+        f"{len(report.failed)} failed; {computed} stage results computed, {reused} reused; "
+        f"{elapsed:.1f} s"
+    )
+    for o in report.failed:
+        print(f"  FAILED {o.video.rel_path}: {o.failed_stage}: {o.reason}")
+    if "export" in report.stages:
+        print(f"output: {cfg.run.output}")
+    return report.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.dataset import discover
+    from pipeline.runner import Runner
+    from stages import stage_classes
+
+    cfg = _load(args)
+    videos = discover(cfg.run.input)
+    table = Runner(cfg, stage_classes()).status(videos)
+    print(f"{len(videos)} videos in {cfg.run.input}; artifacts in {cfg.run.workdir}")
+    print(f"{'stage':<10} {'done':>6} {'stale':>6} {'failed':>6} {'missing':>8}")
+    for stage, c in table.items():
+        print(f"{stage:<10} {c['done']:>6} {c['stale']:>6} {c['failed']:>6} {c['missing']:>8}")
+    return EXIT_OK
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from stages.sample_data import generate_sample
+
+    if args.videos < 1:
+        raise ConfigError("--videos: must be at least 1")
+    items = generate_sample(Path(args.dir), videos=args.videos, seed=args.seed,
+                            progress=not args.no_progress)
+    print(f"wrote {len(items)} videos to {args.dir}")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pipeline.doctor import run_checks
+
+    return run_checks()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="avatarize",
+        description="Replace every person in a video dataset by a rendered avatar that moves "
+        "the same way; export videos, sensitivity masks and metadata.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (only what is missing or stale)")
+    run.add_argument("--config", type=Path, help="YAML config (default: ./pipeline.yaml)")
+    run.add_argument("--input", type=Path, help="folder of videos or a CSV manifest")
+    run.add_argument("--output", type=Path, help="output dataset folder")
+    run.add_argument("--workdir", type=Path, help="artifact folder (resumable)")
+    run.add_argument("--stage", action="append", metavar="NAME",
+                     help="run this stage (and what it needs that is missing); repeatable")
+    run.add_argument("--force", action="store_true",
+                     help="recompute the selected stages (all stages without --stage)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set export.preview=true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="per stage: videos done / stale / failed / missing")
+    st.add_argument("--config", type=Path)
+    st.add_argument("--input", type=Path)
+    st.add_argument("--workdir", type=Path)
+    st.add_argument("--set", action="append", metavar="KEY=VALUE")
+    st.set_defaults(func=cmd_status)
+
+    sd = sub.add_parser("sample-data", help="write the generated sample dataset")
+    sd.add_argument("dir", help="where to write it")
+    sd.add_argument("--videos", type=int, default=4)
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--no-progress", action="store_true")
+    sd.set_defaults(func=cmd_sample_data)
+
+    doc = sub.add_parser("doctor", help="check rendering, detector, body model, torch")
+    doc.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _environment_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(message)s",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"avatarize: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

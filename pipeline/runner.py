@@ -1,0 +1,237 @@
+"""Stage graph, fingerprints, what is stale, resume.
+
+A stage's fingerprint for a video hashes its name and version, its config section, the
+run settings it declares, and the fingerprints of the stages it reads (for a first stage:
+the source file's path, size and modification time). An entry whose stored fingerprint
+equals the expected one is done; anything else is stale or missing and is recomputed.
+Because upstream fingerprints are part of it, a changed stage makes everything
+downstream stale.
+
+Stages run one after the other, each over all videos (models load once per stage); a
+video that fails is recorded with its reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import Config, ConfigError, fingerprint_of
+from pipeline.dataset import VideoItem
+from pipeline.stage import Stage, VideoFailed, VideoJob
+from pipeline.store import META, ArtifactStore, write_json_atomic
+
+log = logging.getLogger("avatarize")
+
+
+@dataclass
+class VideoOutcome:
+    video: VideoItem
+    status: str = "ok"  # ok | failed
+    failed_stage: str | None = None
+    reason: str | None = None
+    computed: list[str] = field(default_factory=list)  # stages recomputed in this run
+    reused: list[str] = field(default_factory=list)  # stages whose entry was current
+
+
+@dataclass
+class RunReport:
+    outcomes: list[VideoOutcome]
+    stages: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[VideoOutcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def check_graph(stage_classes: Sequence[type[Stage]]) -> dict[str, type[Stage]]:
+    by_name: dict[str, type[Stage]] = {}
+    for cls in stage_classes:
+        for dep in cls.requires:
+            if dep not in by_name:
+                raise ValueError(f"stage {cls.name} requires {dep}, which is not before it")
+        by_name[cls.name] = cls
+    return by_name
+
+
+def source_identity(video: VideoItem) -> str:
+    try:
+        st = video.path.stat()
+        return f"{video.rel_path}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError as exc:
+        return f"{video.rel_path}:unreadable:{exc.__class__.__name__}"
+
+
+class Runner:
+    def __init__(self, config: Config, stage_classes: Sequence[type[Stage]]):
+        self.config = config
+        self.classes = check_graph(stage_classes)
+        self.order = [cls.name for cls in stage_classes]
+        self.store = ArtifactStore(config.run.workdir)
+        self._fp_cache: dict[tuple[str, str], str] = {}
+
+    # ---- fingerprints -------------------------------------------------------------
+    def expected_fingerprint(self, stage: str, video: VideoItem) -> str:
+        key = (stage, video.id)
+        if key in self._fp_cache:
+            return self._fp_cache[key]
+        cls = self.classes[stage]
+        run = self.config.run
+        parts: dict[str, Any] = {
+            "stage": stage,
+            "version": cls.version,
+            "config": fingerprint_of(self.config.section(stage)),
+            "run": {k: str(getattr(run, k)) for k in cls.fingerprint_run_keys},
+            "upstream": {d: self.expected_fingerprint(d, video) for d in cls.requires},
+        }
+        if not cls.requires:
+            parts["source"] = source_identity(video)
+        fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+        self._fp_cache[key] = fp
+        return fp
+
+    def closure(self, selected: Sequence[str] | None) -> list[str]:
+        """The selected stages and everything upstream of them, in graph order."""
+        if not selected:
+            return list(self.order)
+        unknown = [s for s in selected if s not in self.classes]
+        if unknown:
+            raise ConfigError(
+                f"--stage {unknown[0]}: unknown stage (known: {', '.join(self.order)})"
+            )
+        needed: set[str] = set()
+        stack = list(selected)
+        while stack:
+            s = stack.pop()
+            if s not in needed:
+                needed.add(s)
+                stack.extend(self.classes[s].requires)
+        return [s for s in self.order if s in needed]
+
+    def entry_state(self, stage: str, video: VideoItem, instance: Stage | None = None) -> str:
+        """done | stale | failed | missing, as seen from the current config."""
+        fp = self.expected_fingerprint(stage, video)
+        entry = self.store.get(stage, video.id)
+        if entry is not None and entry.fingerprint == fp:
+            if instance is not None and not instance.outputs_exist(video, entry.summary):
+                return "stale"
+            return "done"
+        failure = self.store.get_failure(stage, video.id)
+        if failure is not None and failure.get("fingerprint") == fp:
+            return "failed"
+        return "stale" if entry is not None else "missing"
+
+    # ---- running ------------------------------------------------------------------
+    def run(
+        self,
+        videos: Sequence[VideoItem],
+        selected: Sequence[str] | None = None,
+        force: bool = False,
+    ) -> RunReport:
+        stages = self.closure(selected)
+        forced = set(selected or self.order) if force else set()
+        self.store.clean_tmp()
+        outcomes = {v.id: VideoOutcome(v) for v in videos}
+        report = RunReport(list(outcomes.values()), stages)
+        show = self.config.run.progress
+        for name in stages:
+            cls = self.classes[name]
+            instance = cls(self.config.section(name), self.config.run)
+            started = time.perf_counter()
+            set_up = False
+            bar = tqdm(videos, desc=f"{name:>9}", unit="video", disable=not show, leave=True)
+            for video in bar:
+                outcome = outcomes[video.id]
+                if outcome.status != "ok":
+                    continue
+                fp = self.expected_fingerprint(name, video)
+                if name not in forced and self.entry_state(name, video, instance) == "done":
+                    outcome.reused.append(name)
+                    continue
+                if not set_up:
+                    instance.setup()
+                    set_up = True
+                bar.set_postfix_str(video.id[-40:])
+                self._process_one(instance, video, fp, outcome, show)
+            bar.close()
+            instance.finish(self, report)
+            if set_up:
+                instance.teardown()
+            report.seconds[name] = time.perf_counter() - started
+        return report
+
+    def _process_one(
+        self, instance: Stage, video: VideoItem, fp: str, outcome: VideoOutcome, show: bool
+    ) -> None:
+        name = instance.name
+        inputs: dict[str, Path] = {}
+        upstream: dict[str, dict[str, Any]] = {}
+        for dep in instance.requires:
+            entry = self.store.get(dep, video.id)
+            if entry is None:
+                # Only reachable when an upstream entry vanished mid-run.
+                outcome.status, outcome.failed_stage = "failed", name
+                outcome.reason = f"{dep} artifact missing"
+                return
+            inputs[dep] = entry.path
+            upstream[dep] = entry.summary
+        frames_bar = tqdm(desc=f"{'':>9}  {video.id[-30:]}", unit="frame", leave=False,
+                          disable=not show)
+        started = time.perf_counter()
+        try:
+            with self.store.writing(name, video.id) as tmp:
+                job = VideoJob(video=video, inputs=inputs, out_dir=tmp, run=self.config.run,
+                               upstream=upstream, advance=frames_bar.update)
+                summary = instance.process(job) or {}
+                meta = {
+                    "stage": name,
+                    "version": instance.version,
+                    "fingerprint": fp,
+                    "video": video.id,
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "frames": frames_bar.n,
+                    "summary": summary,
+                }
+                write_json_atomic(tmp / META, meta)
+            outcome.computed.append(name)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except VideoFailed as exc:
+            self._fail(name, video, fp, outcome, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one video's bug must not stop the run
+            reason = f"{exc.__class__.__name__}: {exc}"
+            log.debug("%s failed on %s:\n%s", name, video.id, traceback.format_exc())
+            self._fail(name, video, fp, outcome, reason)
+        finally:
+            frames_bar.close()
+
+    def _fail(self, stage: str, video: VideoItem, fp: str, outcome: VideoOutcome,
+              reason: str) -> None:
+        log.warning("%s: %s failed: %s", video.rel_path, stage, reason)
+        self.store.record_failure(stage, video.id, fp, reason)
+        outcome.status, outcome.failed_stage, outcome.reason = "failed", stage, reason
+
+    # ---- status -------------------------------------------------------------------
+    def status(self, videos: Sequence[VideoItem]) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        for name in self.order:
+            counts = {"done": 0, "stale": 0, "failed": 0, "missing": 0}
+            instance = self.classes[name](self.config.section(name), self.config.run)
+            for video in videos:
+                counts[self.entry_state(name, video, instance)] += 1
+            table[name] = counts
+        return table

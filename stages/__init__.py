@@ -1,0 +1,68 @@
+"""The stages of avatarize, one module and one class each, and the artifacts they trade.
+
+Every artifact lives in WORKDIR/<stage>/<video id>/ (see pipeline/store.py). Frame
+sequences are lossless FFV1 Matroska files written with pipeline.video.VideoWriter; arrays
+are NPZ. T is the number of frames decoded from the source, P the number of person tracks
+(P may be 0: a video with no person goes through every stage unchanged).
+Cameras use the OpenCV convention: x right, y down, z forward, pixels from the top-left.
+
+detect/<id>/
+    people.npz   keypoints  float32 [T, P, 33, 3]  BlazePose landmarks: x px, y px, visibility
+                 world      float32 [T, P, 33, 3]  BlazePose world landmarks (m, hip-centred)
+                 boxes      float32 [T, P, 4]      x0, y0, x1, y1 px (NaN when absent)
+                 scores     float32 [T, P]         detection confidence (0 when absent)
+                 present    bool    [T, P]
+                 track_ids  int32   [P]
+    mask.mkv     gray8, the union of every person's segmentation (probability x 255)
+    summary      {"video": {width, height, fps_num, fps_den, frame_count}, "tracks": P,
+                  "frames_with_person": n}
+
+fit/<id>/
+    bodies.npz   track_ids  int32   [P]
+                 present    bool    [T, P]
+                 pose       float32 [T, P, J, 3]   body-model local joint rotations (axis-angle)
+                 root_orient float32 [T, P, 3]     global orientation (axis-angle, camera frame)
+                 transl     float32 [T, P, 3]      root translation in camera coordinates (m)
+                 phenotype  float32 [P, K]         the estimated shape of the real person
+                 joints3d   float32 [T, P, 23, 3]  Anny COCO-23 keypoints, camera coords (m)
+                 fit_error  float32 [T, P]         mean reprojection error, px (NaN if absent)
+                 camera     float32 [4]            fx, fy, cx, cy
+    summary      {"body_model", "tracks", "mean_fit_error_px", "phenotype_labels"}
+
+render/<id>/
+    avatar.mkv   rgba, the avatars over transparency (straight alpha)
+    depth.mkv    gray16, avatar depth in millimetres (0 where no avatar)
+    identities.json  per track: the sampled appearance (phenotype, skin tone, clothes, seed)
+
+inpaint/<id>/
+    plate.mkv    rgb, the clean plate: the real people removed
+    removed.mkv  gray8, 255 where the real person was removed (dilated mask)
+    filled.mkv   gray8, 255 where the plate was image-inpainted (never seen uncovered)
+
+harmonize/<id>/
+    composite.mkv    rgb, the anonymized frames
+    sensitivity.mkv  gray8, 255 = real background (still sensitive), 0 = synthesized
+                     (avatar pixels and image-inpainted pixels)
+
+export: OUTPUT/<id>.mp4, OUTPUT/<id>.mask.mp4, OUTPUT/<id>.json, OUTPUT/dataset.json
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from pipeline.stage import Stage
+
+# Graph order: each stage comes after the stages it reads.
+STAGE_MODULES = (
+    ("detect", "stages.detect", "DetectStage"),
+    ("fit", "stages.fit", "FitStage"),
+    ("render", "stages.render", "RenderStage"),
+    ("inpaint", "stages.inpaint", "InpaintStage"),
+    ("harmonize", "stages.harmonize", "HarmonizeStage"),
+    ("export", "stages.export", "ExportStage"),
+)
+
+
+def stage_classes() -> list[type[Stage]]:
+    return [getattr(import_module(mod), cls) for _, mod, cls in STAGE_MODULES]

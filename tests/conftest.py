@@ -1,0 +1,24 @@
+"""Shared test set-up: offline, headless, one Anny cache per machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ANNY_CACHE_DIR", str(Path.home() / ".cache/avatarize/anny"))
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_VIDEOS = SHARED_DATA / "videos"
+
+
+@pytest.fixture(scope="session")
+def real_videos() -> Path:
+    if not REAL_VIDEOS.is_dir():
+        pytest.skip(f"real videos not present at {REAL_VIDEOS} (only on the project's machines)")
+    return REAL_VIDEOS
