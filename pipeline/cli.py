@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="per stage: videos done / stale / failed / missing")
     st.add_argument("--config", type=Path)
     st.add_argument("--input", type=Path)
+    st.add_argument("--output", type=Path)
     st.add_argument("--workdir", type=Path)
     st.add_argument("--set", action="append", metavar="KEY=VALUE")
     st.set_defaults(func=cmd_status)

@@ -32,8 +32,6 @@ class RunSection(Section):
     output: Path = Field(Path("out/sample"), description="the anonymized dataset folder")
     workdir: Path = Field(Path("work/sample"), description="per-stage artifacts (resumable)")
     chunk_frames: int = Field(64, ge=1, le=4096, description="frames held in memory at once")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    seed: int = 0
     progress: bool = True
 
 

@@ -40,6 +40,8 @@ def _is_inside(child: Path, parent: Path) -> bool:
 
 def check_layout(input_path: Path, output: Path, workdir: Path) -> None:
     """Refuse layouts that would make the pipeline read its own outputs."""
+    if not input_path.exists():
+        raise ConfigError(f"run.input: {input_path} does not exist")
     root = input_path if input_path.is_dir() else input_path.parent
     for key, target in (("run.output", output), ("run.workdir", workdir)):
         if _is_inside(target, root):

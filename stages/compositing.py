@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from pipeline.stage import VideoFailed, VideoJob
-from pipeline.video import VideoDecodeError, iter_chunks, probe
+from pipeline.video import VideoDecodeError, count_frames, iter_chunks, probe
 
 
 def video_info(job: VideoJob, fallback: Path) -> dict[str, Any]:
@@ -24,6 +24,8 @@ def video_info(job: VideoJob, fallback: Path) -> dict[str, Any]:
             return dict(info)
     try:
         info = probe(fallback).to_dict()
+        if info["frame_count"] <= 0:  # the container does not say: decode to know
+            info["frame_count"] = count_frames(fallback)
     except VideoDecodeError as exc:
         raise VideoFailed(str(exc)) from exc
     return info
@@ -56,18 +58,26 @@ def iter_aligned(
         raise VideoFailed(str(exc)) from exc
 
 
-def disk_kernel(radius: int) -> np.ndarray | None:
-    """Elliptical structuring element of the given radius (None when radius < 1)."""
-    if radius < 1:
-        return None
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Grow a bool mask by `radius` px (Euclidean disk); returns bool.
 
-
-def dilate(mask: np.ndarray, kernel: np.ndarray | None) -> np.ndarray:
-    """Dilate a bool mask; returns bool."""
-    if kernel is None or not mask.any():
+    A distance transform costs the same for any radius, unlike cv2.dilate with a disk.
+    """
+    if radius <= 0 or not mask.any():
         return mask
-    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+    if radius < 2:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+        return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
+    return distance <= radius
+
+
+def gather(rows: np.ndarray, which: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """rows[which][:, cols] without copying whole rows (much faster than 2-D fancy indexing
+    for a few long rows)."""
+    if len(which) == 0:
+        return np.empty((0, len(cols), *rows.shape[2:]), rows.dtype)
+    return np.stack([np.take(rows[k], cols, axis=0) for k in which])
 
 
 def check_size(frames: np.ndarray, width: int, height: int, what: str) -> None:

@@ -9,8 +9,9 @@ back-end would do better).
 
 Artifacts (see stages/__init__.py): people.npz and mask.mkv. Where a person is absent,
 keypoint and world coordinates are NaN and the keypoint visibility is 0, boxes are NaN and
-scores 0. The score is the mean visibility of the torso landmarks (shoulders and hips):
-the legacy API does not expose BlazePose's own presence score.
+scores 0. Landmarks outside the frame keep their (guessed) position with visibility 0.
+The score is the mean visibility of the torso landmarks (shoulders and hips): the legacy
+API does not expose BlazePose's own presence score.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ VISIBLE = 0.5
 BOX_MARGIN = 0.2  # of the landmark box's larger side, on each side
 # Frame-to-frame association: within max_gap_frames a track continues when the new box
 # overlaps its last box or its centre moved less than a body height; after a longer gap
-# only a detection at (nearly) the same place continues it.
+# only a detection at the same place continues it (different people visiting one spot in
+# turn would otherwise share an id, and merging people is worse than splitting one).
 NEAR_IOU, NEAR_DIST = 0.1, 1.0
-FAR_IOU, FAR_DIST = 0.3, 0.25
+FAR_IOU = 0.5
 
 
 class DetectConfig(Section):
@@ -49,7 +51,9 @@ class DetectConfig(Section):
         "0 (lite) and 2 (heavy) are downloaded by mediapipe on first use",
     )
     min_detection_confidence: float = Field(
-        0.5, ge=0.0, le=1.0, description="person detector score needed to start tracking"
+        0.7, ge=0.0, le=1.0,
+        description="person detector score needed to start tracking (0.5 tracks "
+        "hallucinated poses on furniture in real footage)",
     )
     min_tracking_confidence: float = Field(
         0.5, ge=0.0, le=1.0, description="landmark presence needed to keep tracking"
@@ -112,22 +116,26 @@ class Tracker:
     max_gap_frames: int
     tracks: list[_Track] = field(default_factory=list)
 
-    def _affinity(self, track: _Track, box: np.ndarray, t: int) -> float | None:
+    def _affinity(self, track: _Track, box: np.ndarray, t: int) -> tuple[bool, float] | None:
+        """(recent, similarity), or None when the box cannot continue the track. Recent
+        tracks come first: a person walking off must not be handed an old track that
+        ended where they are now."""
         iou, dist = box_iou(track.box, box), centre_distance(track.box, box)
-        near = t - track.last_t <= self.max_gap_frames
-        min_iou, max_dist = (NEAR_IOU, NEAR_DIST) if near else (FAR_IOU, FAR_DIST)
-        if iou < min_iou and dist > max_dist:
-            return None
-        return iou - dist
+        recent = t - track.last_t <= self.max_gap_frames
+        if recent and (iou >= NEAR_IOU or dist <= NEAR_DIST):
+            return True, iou - dist
+        if not recent and iou >= FAR_IOU:
+            return False, iou - dist
+        return None
 
     def assign(self, t: int, boxes: list[np.ndarray]) -> list[int]:
         """Track index for each box seen at frame t (new tracks are appended)."""
         pairs = []
         for d, box in enumerate(boxes):
             for k, track in enumerate(self.tracks):
-                score = self._affinity(track, box, t)
-                if score is not None:
-                    pairs.append((score, d, k))
+                affinity = self._affinity(track, box, t)
+                if affinity is not None:
+                    pairs.append((affinity, d, k))
         result: list[int | None] = [None] * len(boxes)
         used: set[int] = set()
         for _, d, k in sorted(pairs, reverse=True):
@@ -142,11 +150,9 @@ class Tracker:
         return [int(k) for k in result]
 
 
-def landmark_box(keypoints: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """Box of the visible landmarks inside the frame, or None when none is visible."""
+def landmark_box(keypoints: np.ndarray) -> np.ndarray | None:
+    """Box of the visible landmarks, or None when none is visible."""
     vis = keypoints[keypoints[:, 2] >= VISIBLE, :2]
-    inside = (vis[:, 0] >= 0) & (vis[:, 0] < width) & (vis[:, 1] >= 0) & (vis[:, 1] < height)
-    vis = vis[inside]
     if len(vis) == 0:
         return None
     return np.array([*vis.min(axis=0), *vis.max(axis=0)], dtype=np.float32)
@@ -180,10 +186,12 @@ def person_box(region: np.ndarray, lm_box: np.ndarray) -> np.ndarray:
     if len(xs):
         box[0], box[1] = min(box[0], xs.min()), min(box[1], ys.min())
         box[2], box[3] = max(box[2], xs.max() + 1), max(box[3], ys.max() + 1)
-    return box
+    h, w = region.shape
+    return np.clip(box, 0, [w, h, w, h]).astype(np.float32)
 
 
 def _to_arrays(result: Any, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks in pixels (with BlazePose's visibility) and world landmarks."""
     kp = np.array(
         [(lm.x * width, lm.y * height, lm.visibility) for lm in result.pose_landmarks.landmark],
         dtype=np.float32,
@@ -192,6 +200,15 @@ def _to_arrays(result: Any, width: int, height: int) -> tuple[np.ndarray, np.nda
         [(lm.x, lm.y, lm.z) for lm in result.pose_world_landmarks.landmark], dtype=np.float32
     )
     return kp, world
+
+
+def hide_outside(keypoints: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Visibility 0 for landmarks outside the frame: BlazePose reports up to ~0.7 for knees
+    it guesses below the picture's edge."""
+    kp = keypoints.copy()
+    x, y = kp[:, 0], kp[:, 1]
+    kp[(x < 0) | (x >= width) | (y < 0) | (y >= height), 2] = 0.0
+    return kp
 
 
 class _Rejections:
@@ -256,8 +273,8 @@ class DetectStage(Stage):
 
     # -- per frame -----------------------------------------------------------------------
 
-    def _accept(self, kp: np.ndarray, box: np.ndarray, rejected: _Rejections) -> bool:
-        if float(kp[list(TORSO), 2].mean()) < self.config.min_visibility:
+    def _accept(self, score: float, box: np.ndarray, rejected: _Rejections) -> bool:
+        if score < self.config.min_visibility:
             rejected.visibility += 1
             return False
         if box[3] - box[1] < self.config.min_person_height_px:
@@ -273,29 +290,34 @@ class DetectStage(Stage):
         union = np.zeros((h, w), dtype=np.float32)
         found: list[Detection] = []
         image = frame
+        painted = np.zeros((h, w), dtype=bool)  # where found people were painted out
         for i, pose in enumerate(self._poses):
             result = pose.process(image)
             if result.pose_landmarks is None:
                 break
-            kp, world = _to_arrays(result, w, h)
+            raw, world = _to_arrays(result, w, h)
+            # The torso's own visibility judges the detection, even where the hips are
+            # below the frame: a person close to the camera is still a person.
+            score = float(raw[list(TORSO), 2].mean())
+            kp = hide_outside(raw, w, h)
             prob = result.segmentation_mask
-            lm_box = landmark_box(kp, w, h)
+            lm_box = landmark_box(kp)
             if lm_box is None:
                 rejected.visibility += 1
                 break
             region = person_region(prob, kp, lm_box, self.config.segmentation_threshold)
             box = person_box(region, lm_box)
-            if not self._accept(kp, box, rejected):
+            if not self._accept(score, box, rejected):
                 break
-            if any(box_iou(box, d.box) > 0.5 for d in found):
-                # A further tracker found an already found person again.
+            if found and _mostly_painted(kp, painted, found, box):
+                # A further tracker found an already found person (or their blurred ghost).
                 rejected.duplicate += 1
                 break
-            score = float(kp[list(TORSO), 2].mean())
             found.append(Detection(kp, world, box, score))
             np.maximum(union, prob, out=union)
             if i + 1 < len(self._poses):
-                image = _paint_out(image, region)
+                image, grown = _paint_out(image, region)
+                painted |= grown
         return found, union
 
     # -- per video -----------------------------------------------------------------------
@@ -379,8 +401,9 @@ class DetectStage(Stage):
         }
 
 
-def _paint_out(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Replace a found person by a heavy blur of the frame, so the next search skips them.
+def _paint_out(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace a found person by a heavy blur of the frame, so the next search skips them;
+    returns the new image and the painted pixels.
 
     A blur rather than a flat fill: a flat person-shaped silhouette can itself look like a
     person to the detector.
@@ -390,7 +413,21 @@ def _paint_out(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     blurred = cv2.blur(image, (k, k))
     out = image.copy()
     out[grown] = blurred[grown]
-    return out
+    return out, grown
+
+
+def _mostly_painted(
+    kp: np.ndarray, painted: np.ndarray, found: list[Detection], box: np.ndarray
+) -> bool:
+    """Whether a further detection is a person already found: its box matches theirs or
+    most of its visible landmarks lie on painted-out pixels."""
+    if any(box_iou(box, d.box) > 0.5 for d in found):
+        return True
+    h, w = painted.shape
+    vis = kp[kp[:, 2] >= VISIBLE, :2]
+    xs = np.clip(vis[:, 0].astype(int), 0, w - 1)
+    ys = np.clip(vis[:, 1].astype(int), 0, h - 1)
+    return len(vis) == 0 or float(painted[ys, xs].mean()) > 0.5
 
 
 def people_arrays(records: list[_Record], frames: int) -> dict[str, np.ndarray]:

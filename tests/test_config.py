@@ -48,10 +48,10 @@ def test_range_violation(tmp_path):
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    cfg = load_config(None, MODELS, ["toy.iterations=5", "toy.nested_flag=true", "run.seed=3"])
+    cfg = load_config(None, MODELS, ["toy.iterations=5", "toy.nested_flag=true", "run.chunk_frames=3"])
     assert cfg.section("toy").iterations == 5
     assert cfg.section("toy").nested_flag is True
-    assert cfg.run.seed == 3
+    assert cfg.run.chunk_frames == 3
 
 
 @pytest.mark.parametrize("bad", ["toy", "iterations=3", "=3"])

@@ -1,0 +1,165 @@
+"""`make bench`: per-stage seconds per frame, and the residual person fraction.
+
+Runs the whole pipeline on the generated sample and on real videos from ../shared/data
+(where present), then reads each stage's timing from its artifacts. The residual person
+fraction is measured with an independent segmenter (mediapipe selfie segmentation, not
+the BlazePose mask the pipeline used): the share of frame pixels it still calls "person"
+in the anonymized output outside the avatar mask (dilated a few pixels, since the avatar
+itself is a person). Results: bench/results/pipeline.json and pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "videos"
+DEFAULT_REAL = ("intel__asl_help.mkv", "mmaction2__demo.mp4")
+
+
+def residual_person_fraction(output_video: Path, avatar_rgba: Path, dilate_px: int = 5) -> float:
+    """Mean over frames of (person pixels outside the dilated avatar) / frame pixels."""
+    import cv2
+    import mediapipe as mp
+
+    from pipeline.video import iter_frames
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2)
+    fractions = []
+    with mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0) as seg:
+        for frame, avatar in zip(iter_frames(output_video), iter_frames(avatar_rgba, "rgba"),
+                                 strict=False):
+            person = seg.process(frame).segmentation_mask > 0.5
+            covered = cv2.dilate((avatar[..., 3] > 0).astype(np.uint8), kernel) > 0
+            fractions.append(float((person & ~covered).mean()))
+    return float(np.mean(fractions)) if fractions else float("nan")
+
+
+def stage_timings(workdir: Path, stages: list[str], video_ids: list[str]) -> dict:
+    out = {}
+    for stage in stages:
+        seconds = frames = 0.0
+        for vid in video_ids:
+            meta_path = workdir / stage / vid / "meta.json"
+            if meta_path.is_file():
+                meta = json.loads(meta_path.read_text())
+                seconds += meta["seconds"]
+                frames += meta.get("frames") or 0
+        out[stage] = {"seconds": round(seconds, 2), "frames": int(frames),
+                      "s_per_frame": round(seconds / frames, 4) if frames else None}
+    return out
+
+
+def bench_dataset(name: str, input_dir: Path, root: Path, overrides: list[str]) -> dict:
+    from pipeline.cli import _stage_models
+    from pipeline.config import load_config
+    from pipeline.dataset import discover
+    from pipeline.runner import Runner
+    from pipeline.video import count_frames, probe
+    from stages import stage_classes
+
+    work, out = root / f"{name}-work", root / f"{name}-out"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(REPO / "pipeline.yaml", _stage_models(), [
+        f"run.input={input_dir}", f"run.output={out}", f"run.workdir={work}",
+        "run.progress=false", *overrides])
+    videos = discover(input_dir)
+    runner = Runner(cfg, stage_classes())
+    started = time.perf_counter()
+    report = runner.run(videos)
+    wall = time.perf_counter() - started
+    per_video = []
+    for o in report.outcomes:
+        row = {"video": o.video.id, "status": o.status, "reason": o.reason}
+        if o.status == "ok":
+            info = probe(o.video.path)
+            row.update(width=info.width, height=info.height, fps=round(float(info.fps), 3),
+                       frames=count_frames(o.video.path))
+            row["residual_person_fraction"] = round(residual_person_fraction(
+                out / f"{o.video.id}.mp4", work / "render" / o.video.id / "avatar.mkv"), 5)
+        per_video.append(row)
+    ok_ids = [o.video.id for o in report.outcomes if o.status == "ok"]
+    timings = stage_timings(work, report.stages, ok_ids)
+    total_frames = sum(r.get("frames", 0) for r in per_video)
+    residual = [r["residual_person_fraction"] for r in per_video if "residual_person_fraction" in r]
+    return {
+        "dataset": name,
+        "input": str(input_dir),
+        "videos": per_video,
+        "stages": timings,
+        "wall_seconds": round(wall, 1),
+        "frames": total_frames,
+        "pipeline_s_per_frame": round(wall / total_frames, 4) if total_frames else None,
+        "mean_residual_person_fraction": round(float(np.mean(residual)), 5) if residual else None,
+    }
+
+
+def to_markdown(results: list[dict], env: dict) -> str:
+    lines = [f"# avatarize pipeline benchmark ({env['machine']}, {env['cpus']} CPUs, "
+             f"{env['device']})", ""]
+    for r in results:
+        lines += [f"## {r['dataset']}: {len(r['videos'])} videos, {r['frames']} frames, "
+                  f"{r['wall_seconds']} s ({r['pipeline_s_per_frame']} s/frame)", "",
+                  "| stage | s/frame | frames | seconds |", "|---|---|---|---|"]
+        for stage, t in r["stages"].items():
+            lines.append(f"| {stage} | {t['s_per_frame']} | {t['frames']} | {t['seconds']} |")
+        lines += ["", "| video | size | fps | frames | status | residual person fraction |",
+                  "|---|---|---|---|---|---|"]
+        for v in r["videos"]:
+            size = f"{v.get('width')}x{v.get('height')}"
+            lines.append(f"| {v['video']} | {size} | {v.get('fps')} | {v.get('frames')} | "
+                         f"{v['status']} | {v.get('residual_person_fraction')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=REPO / "bench/results")
+    p.add_argument("--scratch", type=Path, default=REPO / "work/bench")
+    p.add_argument("--sample-videos", type=int, default=4)
+    p.add_argument("--real", nargs="*", default=list(DEFAULT_REAL),
+                   help="file names in ../shared/data/videos to include")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    import torch
+
+    from stages.sample_data import generate_sample
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    sample = args.scratch / "sample"
+    if not (sample / "manifest.csv").is_file():
+        generate_sample(sample, videos=args.sample_videos, seed=0, progress=False)
+    results = [bench_dataset("sample", sample, args.scratch, args.set)]
+    real = [REAL_DATA / n for n in args.real if (REAL_DATA / n).is_file()]
+    if real:
+        real_dir = args.scratch / "real-input"
+        shutil.rmtree(real_dir, ignore_errors=True)
+        real_dir.mkdir()
+        for f in real:  # links, never copies, of the shared data
+            (real_dir / f.name).symlink_to(f)
+        results.append(bench_dataset("real", real_dir, args.scratch, args.set))
+    env = {"machine": platform.machine(), "cpus": os.cpu_count(),
+           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__}
+    (args.out / "pipeline.json").write_text(json.dumps({"env": env, "results": results},
+                                                       indent=2))
+    md = to_markdown(results, env)
+    (args.out / "pipeline.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""The harmonize stage: the rendered avatars composited into the clean plate.
+
+Methods:
+- classical: alpha compositing with a feathered edge (the alpha fades to zero over
+  `feather_px` inside the silhouette, never outside it), the avatar's brightness and colour
+  moved toward a ring of plate pixels around its silhouette (LAB: luminance mean and
+  contrast at `color_match_strength`, colour cast at half that, so clothing colours
+  survive; statistics smoothed over time so the avatar does not flicker) and an optional
+  soft contact shadow under the feet.
+- sd-inpaint: a diffusion back-end is planned (it will read a local diffusers folder named
+  by `model`); this version does not have it and says so instead of pretending.
+- auto: the best available method; in this version always classical (logged).
+
+sensitivity.mkv: 0 where a pixel is synthesized (avatar alpha > 0 after feathering, or
+image-inpainted by the inpaint stage), 255 where it is still real background. The contact
+shadow only darkens real background, so those pixels stay sensitive.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline.config import ConfigError, Section
+from pipeline.stage import Resources, Stage, VideoFailed, VideoJob
+from pipeline.video import VideoWriter
+from stages.compositing import check_size, dilate, fps_of, iter_aligned, video_info
+
+log = logging.getLogger(__name__)
+
+SD_NEEDS_MODEL = (
+    "harmonize.method=sd-inpaint needs harmonize.model (a local diffusers folder); "
+    "not available in this version"
+)
+SD_NOT_AVAILABLE = (
+    "harmonize.method=sd-inpaint is not available in this version (harmonize.model is kept "
+    "for it); use harmonize.method=classical or auto"
+)
+# Colour casts are matched at this fraction of color_match_strength (clothing keeps its hue).
+CHROMA_SHARE = 0.5
+# Limits of the luminance contrast gain, so a flat ring cannot wash the avatar out.
+GAIN_RANGE = (0.5, 2.0)
+
+
+class HarmonizeConfig(Section):
+    method: Literal["classical", "sd-inpaint", "auto"] = Field(
+        "classical", description="classical compositing; sd-inpaint is not in this version"
+    )
+    model: str | None = Field(
+        None, description="local diffusers inpainting folder (for method=sd-inpaint)"
+    )
+    feather_px: float = Field(
+        3.0, ge=0.0, le=100.0, description="width of the soft avatar edge, inside the silhouette"
+    )
+    color_match_strength: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="0: avatar colours as rendered; 1: luminance fully matched to surroundings",
+    )
+    ring_px: int = Field(
+        15, ge=1, le=500, description="width of the plate ring around the avatar used as reference"
+    )
+    contact_shadow: float = Field(
+        0.25, ge=0.0, le=1.0, description="darkness of a soft shadow under the feet; 0: none"
+    )
+    temporal_smoothing: float = Field(
+        0.8, ge=0.0, lt=1.0,
+        description="weight of the previous frames in the colour statistics (0: per frame)",
+    )
+
+    @model_validator(mode="after")
+    def _sd_needs_model(self) -> HarmonizeConfig:
+        if self.method == "sd-inpaint" and not self.model:
+            raise ValueError(SD_NEEDS_MODEL)
+        return self
+
+
+def resolve_method(cfg: HarmonizeConfig) -> str:
+    """The method this version runs for the configured one (raises ConfigError when none)."""
+    if cfg.method == "sd-inpaint":
+        raise ConfigError(SD_NEEDS_MODEL if not cfg.model else SD_NOT_AVAILABLE)
+    if cfg.method == "auto":
+        log.info("harmonize.method=auto: using classical (sd-inpaint not in this version)")
+    return "classical"
+
+
+def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    return (
+        slice(max(0, rows[0] - pad), min(height, rows[-1] + pad + 1)),
+        slice(max(0, cols[0] - pad), min(width, cols[-1] + pad + 1)),
+    )
+
+
+def _lab(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB [N, 3] -> float32 LAB [N, 3] (L 0..100)."""
+    rgb = pixels.reshape(-1, 1, 3).astype(np.float32) / 255.0
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+
+
+def _rgb(lab: np.ndarray) -> np.ndarray:
+    rgb = cv2.cvtColor(lab.reshape(-1, 1, 3).astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb.reshape(-1, 3) * 255.0, 0, 255)
+
+
+class ColourMatcher:
+    """Moves avatar LAB statistics toward the surroundings', smoothed over frames."""
+
+    def __init__(self, strength: float, smoothing: float):
+        self.strength, self.smoothing = strength, smoothing
+        self.state: np.ndarray | None = None  # [2 (avatar, ring), 2 (mean, std), 3]
+
+    def reset(self) -> None:
+        self.state = None
+
+    def update(self, avatar_lab: np.ndarray, ring_lab: np.ndarray) -> None:
+        stats = np.stack([
+            np.stack([avatar_lab.mean(0), avatar_lab.std(0)]),
+            np.stack([ring_lab.mean(0), ring_lab.std(0)]),
+        ])
+        if self.state is None:
+            self.state = stats
+        else:
+            self.state = self.smoothing * self.state + (1 - self.smoothing) * stats
+
+    def apply(self, lab: np.ndarray) -> np.ndarray:
+        if self.state is None or self.strength == 0:
+            return lab
+        (mu_a, sd_a), (mu_r, sd_r) = self.state
+        s = self.strength
+        out = lab.copy()
+        gain = np.clip(sd_r[0] / max(sd_a[0], 1e-3), *GAIN_RANGE) ** s
+        out[:, 0] = (lab[:, 0] - mu_a[0]) * gain + mu_a[0] + s * (mu_r[0] - mu_a[0])
+        out[:, 1:] = lab[:, 1:] + s * CHROMA_SHARE * (mu_r[1:] - mu_a[1:])
+        out[:, 0] = np.clip(out[:, 0], 0.0, 100.0)
+        return out
+
+
+class Compositor:
+    """Classical compositing of one RGBA avatar frame over one plate frame."""
+
+    def __init__(self, cfg: HarmonizeConfig):
+        self.cfg = cfg
+        self.sigma = cfg.feather_px / 2.0
+        self.matcher = ColourMatcher(cfg.color_match_strength, cfg.temporal_smoothing)
+
+    def __call__(self, plate: np.ndarray, rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns the composite and where it is synthesized (alpha > 0 after feathering)."""
+        alpha = rgba[..., 3]
+        covered = alpha > 0
+        if not covered.any():
+            self.matcher.reset()
+            return plate, covered
+        pad = self.cfg.ring_px + int(np.ceil(3 * self.sigma)) + 1
+        ys, xs = _bbox(covered, pad)
+        a = alpha[ys, xs].astype(np.float32) / 255.0
+        if self.sigma > 0:
+            a = np.minimum(a, cv2.GaussianBlur(a, (0, 0), self.sigma))
+        region = a > 0
+        colour = self._matched(plate[ys, xs], rgba[ys, xs], region)
+
+        base = self._shadowed(plate, alpha) if self.cfg.contact_shadow > 0 else plate
+        out = base.copy()
+        crop_base = base[ys, xs][region].astype(np.float32)
+        w = a[region][:, None]
+        out[ys, xs][region] = np.rint(w * colour + (1 - w) * crop_base).astype(np.uint8)
+        synth = np.zeros_like(covered)
+        synth[ys, xs] = region
+        return out, synth
+
+    def _matched(self, plate: np.ndarray, rgba: np.ndarray, region: np.ndarray) -> np.ndarray:
+        """Avatar colours of the `region` pixels (float32 [N, 3]) after colour matching."""
+        avatar = rgba[..., :3]
+        pixels = avatar[region]
+        if self.cfg.color_match_strength == 0:
+            return pixels.astype(np.float32)
+        alpha = rgba[..., 3]
+        core = alpha > 127
+        if core.sum() < 10:
+            core = alpha > 0
+        ring = dilate(alpha > 0, self.cfg.ring_px) & (alpha == 0)
+        # With no ring to look at (the avatar fills the frame), the last statistics stay.
+        if ring.sum() >= 10:
+            self.matcher.update(_lab(avatar[core]), _lab(plate[ring]))
+        return _rgb(self.matcher.apply(_lab(pixels)))
+
+    def _shadowed(self, plate: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """The plate darkened by a soft ellipse under each avatar's lowest pixels."""
+        height, width = alpha.shape
+        solid = (alpha > 127).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(solid, connectivity=8)
+        out = plate
+        min_area = max(20, int(0.0005 * height * width))
+        for k in range(1, n):
+            x, y, w, h, area = (int(v) for v in stats[k])
+            bottom = y + h - 1
+            if area < min_area or bottom >= height - 2:
+                continue  # too small, or the feet are outside the frame
+            foot_rows = slice(max(y, bottom - max(1, h // 20)), bottom + 1)
+            foot_cols = np.flatnonzero((labels[foot_rows] == k).any(axis=0))
+            cx = 0.5 * (foot_cols[0] + foot_cols[-1])
+            rx = max(3.0, 0.3 * w)
+            ry = max(1.5, 0.04 * h)
+            blur = max(1.0, ry)
+            margin = int(np.ceil(3 * blur))
+            x0, x1 = max(0, int(cx - rx) - margin), min(width, int(cx + rx) + margin + 1)
+            y0, y1 = max(0, int(bottom - ry) - margin), min(height, int(bottom + ry) + margin + 1)
+            patch = np.zeros((y1 - y0, x1 - x0), np.float32)
+            cv2.ellipse(patch, (round(cx - x0), round(bottom - y0)), (round(rx), round(ry)),
+                        0, 0, 360, 1.0, -1)
+            patch = cv2.GaussianBlur(patch, (0, 0), blur)
+            if out is plate:
+                out = plate.copy()
+            shade = 1.0 - self.cfg.contact_shadow * patch[..., None]
+            out[y0:y1, x0:x1] = np.rint(out[y0:y1, x0:x1] * shade).astype(np.uint8)
+        return out
+
+
+class HarmonizeStage(Stage):
+    name = "harmonize"
+    version = "1"
+    requires = ("render", "inpaint")
+    config_model = HarmonizeConfig
+    resources = Resources(cpus=1.0)
+    config: HarmonizeConfig
+
+    def setup(self) -> None:
+        self.method = resolve_method(self.config)
+
+    def process(self, job: VideoJob) -> dict[str, Any]:
+        method = getattr(self, "method", None) or resolve_method(self.config)
+        inpaint, render = Path(job.inputs["inpaint"]), Path(job.inputs["render"])
+        plate_path, filled_path = inpaint / "plate.mkv", inpaint / "filled.mkv"
+        avatar_path = render / "avatar.mkv"
+        for path in (plate_path, filled_path, avatar_path):
+            if not path.is_file():
+                raise VideoFailed(f"{path.parent.parent.name}/{job.video.id}/{path.name} missing")
+        info = video_info(job, plate_path)
+        width, height, total = int(info["width"]), int(info["height"]), int(info["frame_count"])
+        compositor = Compositor(self.config)
+        sources = [(plate_path, "rgb24"), (filled_path, "gray"), (avatar_path, "rgba")]
+
+        t, coverage, sensitive = 0, 0.0, 0.0
+        fps = fps_of(info)
+        out = job.out_dir
+        with (
+            VideoWriter(out / "composite.mkv", fps, width, height, "rgb") as comp_w,
+            VideoWriter(out / "sensitivity.mkv", fps, width, height, "gray") as sens_w,
+        ):
+            for plates, filled, avatars in iter_aligned(sources, job.run.chunk_frames):
+                for frames, what in ((plates, "inpaint plate.mkv"), (avatars, "avatar.mkv")):
+                    check_size(frames, width, height, what)
+                composites = np.empty_like(plates)
+                sens = np.empty(filled.shape, np.uint8)
+                for j in range(len(plates)):
+                    composites[j], synth = compositor(plates[j], avatars[j])
+                    synth |= filled[j] > 127
+                    sens[j] = np.where(synth, 0, 255)
+                    coverage += float((avatars[j][..., 3] > 0).mean())
+                    sensitive += 1.0 - float(synth.mean())
+                comp_w.write_chunk(composites)
+                sens_w.write_chunk(sens)
+                t += len(plates)
+                job.advance(len(plates))
+        if t != total:
+            raise VideoFailed(f"harmonize read {t} frames, expected {total}")
+        return {
+            "method": method,
+            "frames": t,
+            "mean_avatar_coverage": round(coverage / max(t, 1), 6),
+            "mean_sensitive_fraction": round(sensitive / max(t, 1), 6),
+        }

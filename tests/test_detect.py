@@ -1,0 +1,222 @@
+"""The detect stage: BlazePose people, track ids, the union mask, and bad inputs."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import RunSection
+from pipeline.dataset import VideoItem
+from pipeline.stage import VideoFailed, VideoJob
+from pipeline.video import VideoWriter, count_frames, iter_frames
+from stages.detect import DetectConfig, DetectStage, Tracker
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
+ASL_HELP = DATA / "videos/intel__asl_help.mkv"
+WALKERS = DATA / "videos/intel__preview_face-demographics-walking.gif"
+
+
+def _job(path: Path, out: Path, chunk: int = 16) -> tuple[VideoJob, list[int]]:
+    out.mkdir(parents=True, exist_ok=True)
+    advanced: list[int] = []
+    job = VideoJob(
+        video=VideoItem(id=path.stem, path=path, rel_path=path.name),
+        inputs={},
+        out_dir=out,
+        run=RunSection(chunk_frames=chunk),
+        advance=advanced.append,
+    )
+    return job, advanced
+
+
+@pytest.fixture(scope="module")
+def stage():
+    st = DetectStage(DetectConfig(), RunSection())
+    st.setup()
+    yield st
+    st.teardown()
+
+
+def _real_video(path: Path = ASL_HELP) -> Path:
+    if not path.is_file():
+        pytest.skip(f"real test video {path} is absent (only in the project's workspace)")
+    return path
+
+
+# -- tracker (pure) --------------------------------------------------------------------------
+
+
+def _box(x: float, y: float, w: float = 40, h: float = 100) -> np.ndarray:
+    return np.array([x, y, x + w, y + h], dtype=np.float32)
+
+
+def test_tracker_keeps_a_moving_person_and_separates_a_distant_one():
+    tr = Tracker(max_gap_frames=5)
+    ids = [tr.assign(t, [_box(10 + 8 * t, 20)])[0] for t in range(10)]
+    assert ids == [0] * 10
+    # Two people in one frame: the one near the track continues it, the far one is new.
+    assert tr.assign(10, [_box(500, 20), _box(92, 22)]) == [1, 0]
+
+
+def test_tracker_gap_rules():
+    tr = Tracker(max_gap_frames=3)
+    assert tr.assign(0, [_box(0, 0)]) == [0]
+    assert tr.assign(3, [_box(60, 0)]) == [0]  # short gap, moved less than a body height
+    # Long gap, somewhere else: a new person.
+    assert tr.assign(20, [_box(300, 0)]) == [1]
+    # Long gap, same place as track 0's last box: the same person came back.
+    assert tr.assign(40, [_box(62, 2)]) == [0]
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValidationError):
+        DetectConfig(min_visibility=1.5)
+    with pytest.raises(ValidationError):
+        DetectConfig(no_such_key=1)
+
+
+# -- real video ------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+def test_real_video_finds_one_tracked_person(stage, tmp_path):
+    path = _real_video()
+    job, advanced = _job(path, tmp_path / "out")
+    summary = stage.process(job)
+
+    decoded = count_frames(path)
+    first = next(iter_frames(path))
+    h, w = first.shape[:2]
+    video = summary["video"]
+    assert video["frame_count"] == decoded == sum(advanced)
+    assert (video["width"], video["height"]) == (w, h)
+    assert Fraction(video["fps_num"], video["fps_den"]) == 30
+
+    z = np.load(job.out_dir / "people.npz")
+    T, P = decoded, summary["tracks"]
+    assert P == 1  # one signer, never out of view: one track
+    assert z["keypoints"].shape == (T, P, 33, 3) and z["keypoints"].dtype == np.float32
+    assert z["world"].shape == (T, P, 33, 3)
+    assert z["boxes"].shape == (T, P, 4) and z["scores"].shape == (T, P)
+    assert z["present"].shape == (T, P) and z["present"].dtype == bool
+    assert z["track_ids"].tolist() == list(range(P))
+
+    present = z["present"][:, 0]
+    assert summary["frames_with_person"] == int(present.sum()) >= 0.9 * T
+    kp = z["keypoints"][present, 0]
+    visible = kp[kp[..., 2] >= 0.5]
+    assert len(visible) > 10 * present.sum()
+    # Landmarks BlazePose guesses outside the picture are marked invisible.
+    assert (visible[:, 0] >= 0).all() and (visible[:, 0] < w).all()
+    assert (visible[:, 1] >= 0).all() and (visible[:, 1] < h).all()
+    boxes = z["boxes"][present, 0]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= h).all()
+    assert (boxes[:, 3] - boxes[:, 1] >= DetectConfig().min_person_height_px).all()
+    assert np.isnan(z["boxes"][~present]).all()
+    assert (z["scores"][present, 0] >= DetectConfig().min_visibility).all()
+    world_height = np.ptp(z["world"][present, 0, :, 1], axis=1)
+    assert (world_height > 0.3).all() and (world_height < 2.5).all()  # metres, a body
+
+    masks = list(iter_frames(job.out_dir / "mask.mkv", "gray"))
+    assert len(masks) == T and masks[0].shape == (h, w)
+    for t, mask in enumerate(masks):
+        if not present[t]:
+            assert mask.max() == 0
+            continue
+        person = mask >= 128
+        assert person.sum() > 0.02 * h * w
+        x0, y0, x1, y1 = z["boxes"][t, 0].astype(int)
+        # The mask is the person whose box this is: most of it lies inside the box.
+        assert person[y0:y1, x0:x1].sum() >= 0.9 * person.sum()
+
+
+@pytest.mark.real
+def test_small_people_are_rejected(tmp_path):
+    path = _real_video()
+    st = DetectStage(DetectConfig(min_person_height_px=100_000), RunSection())
+    st.setup()
+    try:
+        job, _ = _job(path, tmp_path / "out", chunk=64)
+        summary = st.process(job)
+    finally:
+        st.teardown()
+    assert summary["tracks"] == 0 and summary["frames_with_person"] == 0
+    assert "no person detected" in summary["notes"]
+    assert any("smaller than 100000px" in n for n in summary["notes"])
+
+
+@pytest.mark.real
+def test_max_people_finds_a_second_walker(tmp_path):
+    path = _real_video(WALKERS)  # two people walking side by side, an animated GIF
+    st = DetectStage(DetectConfig(max_people=2), RunSection())
+    st.setup()
+    try:
+        job, _ = _job(path, tmp_path / "out", chunk=64)
+        summary = st.process(job)
+    finally:
+        st.teardown()
+    z = np.load(job.out_dir / "people.npz")
+    T = summary["video"]["frame_count"]
+    assert T == count_frames(path)
+    assert summary["tracks"] == 2
+    assert (z["present"].sum(axis=0) >= 0.7 * T).all()
+    both = z["present"].all(axis=1)
+    a, b = z["boxes"][both, 0], z["boxes"][both, 1]
+    # Two different people: their boxes barely overlap.
+    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    assert (ix * iy < 0.3 * area).all()
+
+
+# -- synthetic and broken inputs -------------------------------------------------------------
+
+
+def _write_empty_scene(path: Path, frames: int = 20, w: int = 160, h: int = 120) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    with VideoWriter(path, Fraction(25), w, h, kind="rgb") as writer:
+        for t in range(frames):
+            frame = np.stack([(xx * 255 // w + 3 * t) % 256, yy * 255 // h, (xx + yy) % 256], -1)
+            noise = rng.integers(-20, 20, frame.shape)
+            writer.write(np.clip(frame + noise, 0, 255).astype(np.uint8))
+
+
+def test_video_without_people(stage, tmp_path):
+    src = tmp_path / "empty.mkv"
+    _write_empty_scene(src, frames=20)
+    job, advanced = _job(src, tmp_path / "out", chunk=8)
+    summary = stage.process(job)
+
+    assert summary["tracks"] == 0 and summary["frames_with_person"] == 0
+    assert "no person detected" in summary["notes"]
+    assert summary["video"] == {
+        "width": 160, "height": 120, "fps_num": 25, "fps_den": 1, "frame_count": 20
+    }
+    assert advanced == [8, 8, 4]
+    z = np.load(job.out_dir / "people.npz")
+    assert z["keypoints"].shape == (20, 0, 33, 3) and z["boxes"].shape == (20, 0, 4)
+    assert z["present"].shape == (20, 0) and z["track_ids"].shape == (0,)
+    masks = np.stack(list(iter_frames(job.out_dir / "mask.mkv", "gray")))
+    assert masks.shape == (20, 120, 160) and masks.max() == 0
+
+
+def test_corrupt_file_fails_the_video(stage, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("this is not a video\n" * 50)
+    job, _ = _job(bad, tmp_path / "out")
+    with pytest.raises(VideoFailed, match="bad.mp4"):
+        stage.process(job)
+
+
+def test_empty_file_fails_the_video(stage, tmp_path):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    job, _ = _job(empty, tmp_path / "out")
+    with pytest.raises(VideoFailed, match="empty file"):
+        stage.process(job)

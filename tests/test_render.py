@@ -1,0 +1,411 @@
+"""render stage: avatars with new identities from a fitted body, plus the renderer and the
+appearance sampler it is built from."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import RunSection
+from pipeline.dataset import VideoItem
+from pipeline.stage import VideoFailed, VideoJob
+from pipeline.video import VideoWriter, iter_frames, probe
+from stages.appearance import (
+    PARTS,
+    REGIONS,
+    identity_seed,
+    load_palettes,
+    sample_identity,
+)
+from stages.body import COCO23
+from stages.render import RenderConfig, RenderStage
+from stages.rendering import Lighting, MeshData, OffscreenRenderer
+
+W, H, T = 160, 120, 8
+CAMERA = np.array([150.0, 150.0, 80.0, 60.0], dtype=np.float32)
+VIDEO_ID = "wave/clip_01"
+
+
+@pytest.fixture(scope="module")
+def stage() -> RenderStage:
+    s = RenderStage(RenderConfig(), RunSection(chunk_frames=3))
+    s.setup()
+    yield s
+    s.teardown()
+
+
+def _poses(stage: RenderStage, t: int) -> np.ndarray:
+    """A waving left arm: the upper arm swings a little more every frame."""
+    pose = np.zeros((t, stage.body.num_bones, 3), np.float32)
+    arm = stage.body.bone_index("upperarm01.L")
+    pose[:, arm, 1] = np.linspace(0.0, 0.8, t)
+    return pose
+
+
+def _real_joints(stage: RenderStage, pose, phen, orient, transl) -> np.ndarray:
+    with torch.no_grad():
+        out = stage.body.forward(torch.as_tensor(pose), torch.as_tensor(phen),
+                                 torch.as_tensor(orient), torch.as_tensor(transl))
+    return out["keypoints"].numpy()
+
+
+def _write_fit(stage: RenderStage, fit_dir: Path, xs: list[float], phenotypes: np.ndarray,
+               present: np.ndarray, track_ids: list[int]) -> np.ndarray:
+    """bodies.npz for people standing 3 m in front of the camera at horizontal offsets
+    `xs`; returns joints3d (T, P, 23, 3)."""
+    p = len(xs)
+    pose = np.repeat(_poses(stage, T)[:, None], p, axis=1)
+    orient = np.zeros((T, p, 3), np.float32)
+    transl = np.zeros((T, p, 3), np.float32)
+    transl[..., 0] = np.asarray(xs, np.float32)
+    transl[..., 1] = -0.02
+    transl[..., 2] = 3.0
+    joints = np.zeros((T, p, len(COCO23), 3), np.float32)
+    for i in range(p):
+        phen = np.repeat(phenotypes[i][None], T, axis=0)
+        joints[:, i] = _real_joints(stage, pose[:, i], phen, orient[:, i], transl[:, i])
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(fit_dir / "bodies.npz", track_ids=np.asarray(track_ids, np.int32),
+             present=present, pose=pose, root_orient=orient, transl=transl,
+             phenotype=phenotypes.astype(np.float32), joints3d=joints,
+             fit_error=np.where(present, 1.0, np.nan).astype(np.float32), camera=CAMERA)
+    return joints
+
+
+def _job(tmp: Path, name: str, frames: int = T) -> VideoJob:
+    out = tmp / name
+    out.mkdir(parents=True)
+    video = {"width": W, "height": H, "fps_num": 25, "fps_den": 1, "frame_count": frames}
+    return VideoJob(
+        video=VideoItem(id=VIDEO_ID, path=tmp / "clip_01.mp4", rel_path="wave/clip_01.mp4"),
+        inputs={"detect": tmp / "detect", "fit": tmp / "fit"},
+        out_dir=out,
+        run=RunSection(chunk_frames=3),
+        upstream={"detect": {"video": video, "tracks": 1}},
+    )
+
+
+def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    rgba = np.stack(list(iter_frames(out / "avatar.mkv", "rgba")))
+    depth = np.stack(list(iter_frames(out / "depth.mkv", "gray16le")))
+    return rgba, depth
+
+
+def _project(points: np.ndarray) -> np.ndarray:
+    fx, fy, cx, cy = CAMERA
+    return np.stack([fx * points[..., 0] / points[..., 2] + cx,
+                     fy * points[..., 1] / points[..., 2] + cy], -1)
+
+
+def _own_phenotype(stage: RenderStage, seed: int, track_id: int) -> np.ndarray:
+    """The phenotype the stage will draw for this track, so the 'real' body can be given
+    the avatar's exact shape and keypoints can be checked pixel for pixel."""
+    ident = sample_identity(identity_seed(seed, VIDEO_ID, track_id), stage.palettes)
+    return ident.phenotype_vector(stage.body.phenotype_labels)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def test_avatar_covers_the_fitted_body_and_depth_is_metric(stage, tmp_path):
+    present = np.ones((T, 1), bool)
+    present[5] = False  # nobody in frame 5
+    phen = _own_phenotype(stage, 0, 7)[None]
+    joints = _write_fit(stage, tmp_path / "fit", [0.0], phen, present, [7])
+    job = _job(tmp_path, "out")
+    advanced: list[int] = []
+    job.advance = advanced.append
+    summary = stage.process(job)
+
+    rgba, depth = _read(job.out_dir)
+    assert rgba.shape == (T, H, W, 4) and depth.shape == (T, H, W)
+    assert depth.dtype == np.uint16
+    assert sum(advanced) == T
+    info = probe(job.out_dir / "avatar.mkv")
+    assert (info.fps_num, info.fps_den) == (25, 1)
+
+    alpha = rgba[..., 3]
+    names = ("left_shoulder", "right_shoulder", "left_hip", "right_hip", "left_knee",
+             "right_knee", "nose", "left_elbow")
+    for t in range(T):
+        if t == 5:
+            assert alpha[t].max() == 0 and depth[t].max() == 0
+            continue
+        uv = _project(joints[t, 0, [COCO23.index(n) for n in names]])
+        for (u, v), n in zip(uv, names, strict=True):
+            assert alpha[t, int(round(v)), int(round(u))] > 0, (t, n, u, v)
+        hip_u, hip_v = np.rint(uv[2:4].mean(axis=0)).astype(int)
+        # Hips are ~0.1 m behind the belly's surface.
+        assert 2800 < int(depth[t, hip_v, hip_u]) < 3000
+        for corner in ((0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1)):
+            assert alpha[t][corner] == 0
+        assert ((alpha[t] == 0) == (depth[t] == 0)).mean() > 0.99
+        # The person is about 1.5-1.95 m tall at 3 m: 75-98 px of 120, feet in frame.
+        rows = np.nonzero(alpha[t].max(axis=1))[0]
+        assert 70 < rows.max() - rows.min() < 106 and rows.max() < H - 1
+
+    # The waving arm moves the silhouette from frame to frame.
+    assert (alpha[0] > 0).sum() != (alpha[7] > 0).sum()
+    assert summary["tracks"] == 1
+    assert 0.02 < summary["mean_coverage"] < 0.3
+    assert summary["frames_with_avatar"] == T - 1
+    doc = json.loads((job.out_dir / "identities.json").read_text())
+    track = doc["tracks"][0]
+    assert track["track_id"] == 7 and track["seed"] == identity_seed(0, VIDEO_ID, 7)
+    assert set(track["phenotype"]) == set(stage.body.phenotype_labels)
+
+
+def test_clothes_and_skin_colours_show_up(stage, tmp_path):
+    phen = _own_phenotype(stage, 0, 7)[None]
+    _write_fit(stage, tmp_path / "fit", [0.0], phen, np.ones((T, 1), bool), [7])
+    # Ambient light only: every pixel shows its region's colour unshaded.
+    flat = RenderStage(RenderConfig(ambient=1.0, key_light=0.0), RunSection(chunk_frames=3))
+    flat.setup()
+    job = _job(tmp_path, "out")
+    flat.process(job)
+    flat.teardown()
+    rgba, _ = _read(job.out_dir)
+    ident = json.loads((job.out_dir / "identities.json").read_text())["tracks"][0]
+    opaque = rgba[0][rgba[0, ..., 3] == 255][:, :3].astype(int)
+    for part in ("top", "bottom", "skin"):
+        near = np.abs(opaque - np.asarray(ident[part]["rgb"])).max(axis=1) <= 4
+        assert near.mean() > 0.04, part
+
+
+def test_a_different_real_shape_keeps_the_mid_hip_in_place(stage, tmp_path):
+    real = np.full((1, 6), 0.5, np.float32)
+    real[0, 4] = 1.0  # a very tall real person; the avatar is drawn independently
+    joints = _write_fit(stage, tmp_path / "fit", [0.0], real, np.ones((T, 1), bool), [3])
+    job = _job(tmp_path, "out")
+    stage.process(job)
+    rgba, depth = _read(job.out_dir)
+    hips = _project(joints[:, 0, [COCO23.index("left_hip"), COCO23.index("right_hip")]])
+    for t in range(T):
+        u, v = np.rint(hips[t].mean(axis=0)).astype(int)
+        assert rgba[t, v, u, 3] == 255
+        assert 2800 < int(depth[t, v, u]) < 3000
+
+
+def test_identities_are_seeded_and_differ_between_tracks(stage, tmp_path):
+    phen = np.full((2, 6), 0.5, np.float32)
+    present = np.ones((T, 2), bool)
+    present[:2, 1] = False  # the second person walks in at frame 2
+    joints = _write_fit(stage, tmp_path / "fit", [-0.6, 0.6], phen, present, [1, 2])
+
+    def run(seed: int, name: str) -> tuple[dict, np.ndarray]:
+        s = RenderStage(RenderConfig(seed=seed), RunSection(chunk_frames=3))
+        s.setup()  # the body model is cached per process: cheap
+        job = _job(tmp_path, name)
+        s.process(job)
+        rgba, _ = _read(job.out_dir)
+        s.teardown()
+        return json.loads((job.out_dir / "identities.json").read_text()), rgba
+
+    a, rgba = run(0, "a")
+    again, rgba_again = run(0, "again")
+    other, _ = run(5, "other")
+    assert a == again
+    assert np.array_equal(rgba, rgba_again)
+    assert a["tracks"] != other["tracks"]
+    t1, t2 = a["tracks"]
+    assert t1["seed"] != t2["seed"]
+    assert t1["phenotype"] != t2["phenotype"]
+    assert (t1["skin"], t1["top"], t1["bottom"]) != (t2["skin"], t2["top"], t2["bottom"])
+
+    hips = _project(joints[..., [COCO23.index("left_hip"), COCO23.index("right_hip")], :]
+                    .mean(axis=2))  # (T, 2, 2)
+    for t in range(T):
+        for p in range(2):
+            u, v = np.rint(hips[t, p]).astype(int)
+            assert (rgba[t, v, u, 3] > 0) == present[t, p], (t, p)
+
+
+def test_no_people_gives_transparent_frames(stage, tmp_path):
+    fit = tmp_path / "fit"
+    fit.mkdir()
+    j = stage.body.num_bones
+    np.savez(fit / "bodies.npz", track_ids=np.zeros(0, np.int32),
+             present=np.zeros((T, 0), bool), pose=np.zeros((T, 0, j, 3), np.float32),
+             root_orient=np.zeros((T, 0, 3), np.float32),
+             transl=np.zeros((T, 0, 3), np.float32), phenotype=np.zeros((0, 6), np.float32),
+             joints3d=np.zeros((T, 0, 23, 3), np.float32),
+             fit_error=np.zeros((T, 0), np.float32), camera=CAMERA)
+    job = _job(tmp_path, "out")
+    summary = stage.process(job)
+    rgba, depth = _read(job.out_dir)
+    assert rgba.shape == (T, H, W, 4)
+    assert rgba.max() == 0 and depth.max() == 0
+    assert summary["tracks"] == 0 and summary["mean_coverage"] == 0.0
+    assert json.loads((job.out_dir / "identities.json").read_text())["tracks"] == []
+
+
+def test_without_a_detect_summary_the_source_video_is_probed(stage, tmp_path):
+    _write_fit(stage, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
+               np.ones((T, 1), bool), [0])
+    job = _job(tmp_path, "out")
+    job.upstream = {}
+    with VideoWriter(job.video.path, Fraction(30000, 1001), W, H, kind="h264") as src:
+        src.write_chunk(np.full((T, H, W, 3), 90, np.uint8))
+    stage.process(job)
+    rgba, _ = _read(job.out_dir)
+    assert rgba.shape == (T, H, W, 4)
+    info = probe(job.out_dir / "avatar.mkv")
+    assert (info.fps_num, info.fps_den) == (30000, 1001)
+
+
+def test_frame_count_mismatch_fails_the_video(stage, tmp_path):
+    _write_fit(stage, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
+               np.ones((T, 1), bool), [0])
+    with pytest.raises(VideoFailed, match="frames"):
+        stage.process(_job(tmp_path, "out", frames=T + 2))
+
+
+def test_missing_joints3d_falls_back_to_posing_the_real_body(stage, tmp_path):
+    joints = _write_fit(stage, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
+                        np.ones((T, 1), bool), [0])
+    with np.load(tmp_path / "fit/bodies.npz") as z:
+        data = {k: z[k] for k in z.files if k != "joints3d"}
+    np.savez(tmp_path / "fit/bodies.npz", **data)
+    job = _job(tmp_path, "out")
+    stage.process(job)
+    rgba, depth = _read(job.out_dir)
+    u, v = np.rint(_project(joints[0, 0, [11, 12]]).mean(axis=0)).astype(int)
+    assert rgba[0, v, u, 3] == 255 and 2800 < int(depth[0, v, u]) < 3000
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        RenderConfig(key_direction=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError):
+        RenderConfig(identity="celebrity")
+    with pytest.raises(ValueError):
+        RenderConfig(unknown=1)
+
+
+# ------------------------------------------------------------------------- the renderer
+
+
+def _square(x: float, y: float, z: float, half: float, color=(200, 60, 30)) -> MeshData:
+    v = np.array([[x - half, y - half, z], [x + half, y - half, z], [x + half, y + half, z],
+                  [x - half, y + half, z]], np.float32)
+    # Counter-clockwise as seen from the camera (OpenCV: y down, so the winding flips).
+    faces = np.array([[0, 2, 1], [0, 3, 2]])
+    return MeshData(v, faces, np.tile(np.array(color, np.uint8), (4, 1)))
+
+
+def test_renderer_uses_the_opencv_camera_convention():
+    with OffscreenRenderer(W, H) as r:
+        fx, fy, cx, cy = 100.0, 90.0, 70.0, 50.0
+        x, y, z = 0.3, -0.2, 2.0
+        rgba, depth = r.render([_square(x, y, z, 0.05)], fx, fy, cx, cy)
+        ys, xs = np.nonzero(rgba[..., 3] == 255)
+        # Pixel centres at integers, as OpenCV projects.
+        assert xs.mean() == pytest.approx(cx + fx * x / z, abs=0.3)
+        assert ys.mean() == pytest.approx(cy + fy * y / z, abs=0.3)
+        assert xs.max() - xs.min() + 1 == pytest.approx(fx * 0.1 / z, abs=1.0)
+        assert np.allclose(depth[rgba[..., 3] == 255], z, atol=1e-3)
+        assert depth[rgba[..., 3] == 0].max() == 0
+        # Nearer meshes hide farther ones, whatever the order they come in.
+        near = _square(0.3, -0.2, 1.5, 0.03, color=(20, 200, 20))
+        rgba2, depth2 = r.render([near, _square(x, y, z, 0.05)], fx, fy, cx, cy)
+        u, v = int(round(cx + fx * 0.3 / 1.5)), int(round(cy + fy * -0.2 / 1.5))
+        assert rgba2[v, u, 1] > rgba2[v, u, 0] and depth2[v, u] == pytest.approx(1.5, abs=1e-3)
+        empty_rgba, empty_depth = r.render([], fx, fy, cx, cy)
+        assert empty_rgba.max() == 0 and empty_depth.max() == 0
+
+
+def test_renderer_survives_another_pyrender_renderer_being_deleted():
+    import pyrender
+
+    with OffscreenRenderer(W, H) as r:
+        first, _ = r.render([_square(0.0, 0.0, 2.0, 0.2)], 100, 100, 80, 60)
+        # pyrender's EGL teardown terminates the display every context lives on.
+        other = pyrender.OffscreenRenderer(32, 32)
+        other.delete()
+        again, _ = r.render([_square(0.0, 0.0, 2.0, 0.2)], 100, 100, 80, 60)
+        assert np.array_equal(first, again)
+        with OffscreenRenderer(2 * W, 2 * H) as big:  # another size, same context
+            rgba, _ = big.render([_square(0.0, 0.0, 2.0, 0.2)], 200, 200, 160, 120)
+            assert rgba.shape == (2 * H, 2 * W, 4) and rgba[120, 160, 3] == 255
+
+
+def test_renderer_returns_straight_alpha_at_edges():
+    with OffscreenRenderer(W, H) as r:
+        flat = Lighting(ambient=1.0, key_intensity=0.0)
+        # A square whose edges fall mid-pixel, so edge pixels are partly covered.
+        rgba, _ = r.render([_square(0.013, 0.011, 2.0, 0.1037)], 100, 100, 80, 60, flat)
+        a = rgba[..., 3]
+        inner = rgba[a == 255][:, :3].astype(int)
+        edge = rgba[(a > 40) & (a < 215)][:, :3].astype(int)
+        assert len(edge) > 10
+        # Premultiplied edges would be darker in proportion to their coverage.
+        assert np.abs(edge - inner.mean(axis=0)).max() <= 12
+
+
+# ---------------------------------------------------------------------- appearance
+
+
+def test_identity_sampling_is_deterministic_and_in_range():
+    pal = load_palettes()
+    a = sample_identity(identity_seed(0, "v", 1), pal)
+    assert a.to_dict() == sample_identity(identity_seed(0, "v", 1), pal).to_dict()
+    assert identity_seed(0, "v", 1) != identity_seed(0, "v", 2) != identity_seed(1, "v", 1)
+    ages, skins, genders = [], set(), []
+    for i in range(200):
+        ident = sample_identity(identity_seed(3, "v", i), pal)
+        for key, value in ident.phenotype.items():
+            assert 0.0 <= value <= 1.0, key
+        ages.append(ident.age_years)
+        genders.append(ident.phenotype["gender"])
+        skins.add(ident.skin["fitzpatrick"])
+        if ident.hair["name"] in ("grey", "white"):
+            assert ident.age_years >= 40
+    assert 18 <= min(ages) and max(ages) <= 70
+    # Every skin type gets drawn, and both ends of the gender axis.
+    assert skins == {1, 2, 3, 4, 5, 6}
+    assert min(genders) < 0.2 and max(genders) > 0.8
+
+
+def test_painting_follows_the_clothes(stage):
+    regions = stage.regions
+    ident = sample_identity(11, stage.palettes)
+    long_ = _with(ident, top={"sleeve_length": 1.0, "sleeves": "long", "pattern": "solid"},
+                  bottom={"length": 1.0, "style": "trousers"})
+    short = _with(ident, top={"sleeve_length": 0.4, "sleeves": "short", "pattern": "solid"},
+                  bottom={"length": 0.42, "style": "shorts"})
+
+    def area(painted, region: str) -> float:
+        v = painted.vertices(regions.rest)
+        tri = v[painted.faces[painted.face_region == REGIONS.index(region)]]
+        return float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
+                                    axis=1).sum() / 2)
+
+    pl, ps = regions.paint(long_), regions.paint(short)
+    assert area(pl, "skin") < area(ps, "skin")
+    assert area(pl, "top") > area(ps, "top") and area(pl, "bottom") > area(ps, "bottom")
+    total = sum(area(pl, r) for r in REGIONS)
+    # Cutting along hems adds vertices on edges but never changes the surface.
+    faces = regions.faces
+    tri = regions.rest[faces]
+    rest_area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
+                               axis=1).sum() / 2
+    assert total == pytest.approx(rest_area, rel=1e-6)
+    # Every painted vertex is a convex combination of model vertices.
+    sums = np.asarray(pl.blend.sum(axis=1)).ravel()
+    assert np.allclose(sums, 1.0) and pl.blend.min() >= 0
+    # The face region is the identity's skin colour only where it should be: head, hands.
+    colors = regions.colors(long_)
+    assert tuple(colors[REGIONS.index("skin")]) == tuple(long_.skin["rgb"])
+    assert (regions.face_part == PARTS.index("hand")).any()
+
+
+def _with(ident, **changes):
+    d = ident.to_dict()
+    for key, upd in changes.items():
+        d[key] = {**d[key], **upd}
+    return type(ident)(**d)
