@@ -48,7 +48,8 @@ def test_range_violation(tmp_path):
 
 
 def test_overrides_parse_yaml_values(tmp_path):
-    cfg = load_config(None, MODELS, ["toy.iterations=5", "toy.nested_flag=true", "run.chunk_frames=3"])
+    overrides = ["toy.iterations=5", "toy.nested_flag=true", "run.chunk_frames=3"]
+    cfg = load_config(None, MODELS, overrides)
     assert cfg.section("toy").iterations == 5
     assert cfg.section("toy").nested_flag is True
     assert cfg.run.chunk_frames == 3
