@@ -191,11 +191,17 @@ class Runner:
             upstream[dep] = entry.summary
         frames_bar = tqdm(desc=f"{'':>9}  {video.id[-30:]}", unit="frame", leave=False,
                           disable=not show)
+        frames_done = [0]
+
+        def advance(n: int) -> None:
+            frames_done[0] += n
+            frames_bar.update(n)
+
         started = time.perf_counter()
         try:
             with self.store.writing(name, video.id) as tmp:
                 job = VideoJob(video=video, inputs=inputs, out_dir=tmp, run=self.config.run,
-                               upstream=upstream, advance=frames_bar.update)
+                               upstream=upstream, advance=advance)
                 summary = instance.process(job) or {}
                 meta = {
                     "stage": name,
@@ -203,7 +209,7 @@ class Runner:
                     "fingerprint": fp,
                     "video": video.id,
                     "seconds": round(time.perf_counter() - started, 3),
-                    "frames": frames_bar.n,
+                    "frames": frames_done[0],
                     "summary": summary,
                 }
                 write_json_atomic(tmp / META, meta)

@@ -99,6 +99,7 @@ def test_runs_everything_then_nothing(setup):
     assert sorted(Total.calls) == ["a", "b"]
     store = make_runner().store
     assert store.get("total", "a").summary["total"] == pytest.approx(300.0)
+    assert store.get("means", "a").meta["frames"] == 6  # counted with progress bars off
 
     FrameMeans.calls, Total.calls = [], []
     report = make_runner().run(videos)
