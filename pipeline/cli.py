@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -119,6 +120,17 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert_body_model(args: argparse.Namespace) -> int:
+    from stages.smpl_family import convert_model_file
+
+    try:
+        keys = convert_model_file(Path(args.src), Path(args.dst))
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise ConfigError(f"convert-body-model: {exc}") from exc
+    print(f"wrote {args.dst} ({len(keys)} arrays: {', '.join(keys)})")
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import run_checks
 
@@ -162,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--no-progress", action="store_true")
     sd.set_defaults(func=cmd_sample_data)
+
+    cv = sub.add_parser(
+        "convert-body-model",
+        help="convert an official SMPL-family .pkl (chumpy) into a pickle-free .npz, once")
+    cv.add_argument("src", help="the .pkl model file")
+    cv.add_argument("dst", help="the .npz to write")
+    cv.set_defaults(func=cmd_convert_body_model)
 
     doc = sub.add_parser("doctor", help="check rendering, detector, body model, torch")
     doc.set_defaults(func=cmd_doctor)
