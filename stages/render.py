@@ -1,18 +1,25 @@
 """render: every tracked person becomes an avatar with a new identity, moving the same way.
 
-For each track a new identity is drawn (stages/appearance.py), seeded by render.seed, the
-video id and the track id, so it is reproducible and fixed for the whole video, and
-independent of the real person's fitted shape. The avatar takes the fitted pose, global
-orientation and translation with the new phenotype. A different body shape moves the hips
-relative to the root bone, so each frame the avatar is shifted to put its mid-hip exactly
-where the real person's was (same pixel, same depth).
+Identities (stages/appearance.py): one per track, seeded by render.seed, the video id and
+the track id, so it is reproducible and fixed for the whole video. With identity=far the
+body is also pushed away from the real person's estimated phenotype (gender to the other
+side of 0.5, weight and muscle by a margin); with identity=random it is drawn
+independently of it. No two tracks of a video share a look (skin tone, top colour and
+pattern, hair, head cover): a colliding draw is redrawn. The avatar takes the fitted pose,
+global orientation and translation with the new phenotype. A different body shape moves
+the hips relative to the root bone, so each frame the avatar is shifted to put its
+mid-hip exactly where the real person's was (same pixel, same depth).
 
-Every frame is one scene with all present avatars (the depth test handles occlusion), seen
-through the fitted camera with an ambient light and a directional key light, rendered
-offscreen through EGL (stages/rendering.py).
+Every frame is one scene with all present avatars (the depth test handles occlusion
+between them), seen through the fitted camera with an ambient light and a directional
+key light, rendered offscreen through EGL (stages/rendering.py). With lighting=estimated
+both lights are scaled, and the key light turned, from the source frame around the
+avatars (stages.rendering.LightEstimator), smoothed over time; lighting=fixed uses the
+configured values as they are.
 
 Artifacts (see stages/__init__.py): avatar.mkv (RGBA, straight alpha), depth.mkv (uint16
-millimetres, 0 where no avatar) and identities.json.
+millimetres, 0 where no avatar), instances.mkv (gray8, 1 + track slot, 0 where no avatar)
+and identities.json.
 """
 
 from __future__ import annotations
@@ -35,30 +42,73 @@ from pydantic import Field, field_validator  # noqa: E402
 
 from pipeline.config import Section  # noqa: E402
 from pipeline.stage import Resources, Stage, VideoFailed, VideoJob  # noqa: E402
-from pipeline.video import VideoDecodeError, VideoWriter, count_frames, probe  # noqa: E402
+from pipeline.video import (  # noqa: E402
+    VideoDecodeError,
+    VideoWriter,
+    count_frames,
+    iter_chunks,
+    probe,
+)
 from stages.appearance import (  # noqa: E402
     BodyRegions,
     Identity,
     PaintedMesh,
-    identity_seed,
+    assign_identities,
     load_palettes,
-    sample_identity,
 )
 from stages.body import COCO23, AnnyBody, load_body, resolve_device  # noqa: E402
-from stages.rendering import Lighting, MeshData, OffscreenRenderer, vertex_normals  # noqa: E402
+from stages.rendering import (  # noqa: E402
+    LightEstimator,
+    Lighting,
+    MeshData,
+    OffscreenRenderer,
+    vertex_normals,
+)
 
 HIPS = (COCO23.index("left_hip"), COCO23.index("right_hip"))
 # Bodies per Anny forward call: bounds memory when chunk_frames x tracks is large.
 FORWARD_BATCH = 64
 MAX_DEPTH_MM = 65535
+# Every n-th avatar vertex is enough to find the box the light is measured around.
+BOX_VERTEX_STEP = 25
 
 
 class RenderConfig(Section):
     seed: int = Field(
         0, description="identity seed; with the video id and track id it fixes each avatar"
     )
-    identity: Literal["random"] = Field(
-        "random", description="how identities are chosen: random draws from the palettes"
+    identity: Literal["random", "far"] = Field(
+        "far", description="how identities are chosen: random draws from the palettes; far "
+        "also moves gender and build away from the real person's estimated phenotype",
+    )
+    far_gender_margin: float = Field(
+        0.2, ge=0.05, le=0.45,
+        description="identity=far: the avatar's gender lies this far beyond 0.5, on the "
+        "other side from the real person's",
+    )
+    far_build_margin: float = Field(
+        0.2, ge=0.05, le=0.45,
+        description="identity=far: the avatar's weight and muscle each differ from the real "
+        "person's by at least this much",
+    )
+    lighting: Literal["estimated", "fixed"] = Field(
+        "estimated", description="estimated: ambient and key light follow the video around "
+        "each person; fixed: the ambient/key_light/key_direction values as given",
+    )
+    light_reference: float = Field(
+        0.35, gt=0.0, le=1.0,
+        description="lighting=estimated: linear luminance of the surroundings at which the "
+        "configured ambient and key_light apply unscaled (0.35: a typical well-lit room; "
+        "the real test videos measure 0.15-0.47)",
+    )
+    light_gain: tuple[float, float] = Field(
+        (0.35, 1.4),
+        description="lighting=estimated: the range the light scale is clipped to, so avatars "
+        "are never black nor washed out",
+    )
+    light_smoothing: float = Field(
+        0.8, ge=0.0, lt=1.0,
+        description="lighting=estimated: weight of the past in the per-frame moving average",
     )
     palette: Path | None = Field(
         None, description="appearance palettes YAML (default: the packaged assets/appearance.yaml)"
@@ -79,6 +129,13 @@ class RenderConfig(Section):
     def _nonzero(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         if float(np.linalg.norm(v)) < 1e-6:
             raise ValueError("key_direction must not be the zero vector")
+        return v
+
+    @field_validator("light_gain")
+    @classmethod
+    def _gain_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 10.0:
+            raise ValueError("light_gain must be (low, high) with 0 < low <= high <= 10")
         return v
 
 
@@ -153,6 +210,15 @@ def _regions_for(body: AnnyBody) -> BodyRegions:
     return BodyRegions.from_body(body)
 
 
+def _box(verts: np.ndarray, camera: np.ndarray) -> tuple[float, float, float, float]:
+    """Pixel box (x0, y0, x1, y1) around avatar vertices (n, V, 3), camera coordinates."""
+    fx, fy, cx, cy = camera
+    v = verts[:, ::BOX_VERTEX_STEP].reshape(-1, 3)
+    z = np.maximum(v[:, 2], 1e-3)
+    u, w = fx * v[:, 0] / z + cx, fy * v[:, 1] / z + cy
+    return float(u.min()), float(w.min()), float(u.max()), float(w.max())
+
+
 def depth_to_mm(depth: np.ndarray) -> np.ndarray:
     mm = np.rint(depth.astype(np.float64) * 1000.0)
     # Anything drawn stays non-zero: 0 means "no avatar".
@@ -162,7 +228,7 @@ def depth_to_mm(depth: np.ndarray) -> np.ndarray:
 
 class RenderStage(Stage):
     name = "render"
-    version = "1"
+    version = "2"
     requires = ("detect", "fit")
     config_model = RenderConfig
     resources = Resources(cpus=1.0, gpus=0.0)
@@ -194,7 +260,7 @@ class RenderStage(Stage):
         return self._renderer
 
     @property
-    def lighting(self) -> Lighting:
+    def fixed_lighting(self) -> Lighting:
         c = self.config
         return Lighting(ambient=c.ambient, key_intensity=c.key_light,
                         key_direction=tuple(c.key_direction))
@@ -210,22 +276,23 @@ class RenderStage(Stage):
         fps = Fraction(int(video["fps_num"]), int(video["fps_den"]))
         bodies = load_bodies(job.inputs["fit"] / "bodies.npz", frames, self.body.num_bones)
 
-        identities = [
-            sample_identity(identity_seed(self.config.seed, job.video.id, int(tid)),
-                            self.palettes)
-            for tid in bodies.track_ids
-        ]
+        identities = self._identities(job, bodies)
         painted = [self.regions.paint(ident) for ident in identities]
         self._write_identities(job, bodies, identities)
 
-        covered = 0.0
+        covered, gains = 0.0, []
         out = job.out_dir
         with VideoWriter(out / "avatar.mkv", fps, width, height, kind="rgba") as rgba_out, \
-                VideoWriter(out / "depth.mkv", fps, width, height, kind="gray16") as depth_out:
-            for rgba, depth in self._frames(job, bodies, identities, painted, width, height):
+                VideoWriter(out / "depth.mkv", fps, width, height, kind="gray16") as depth_out, \
+                VideoWriter(out / "instances.mkv", fps, width, height, kind="gray") as inst_out:
+            for rgba, depth, inst, light in self._frames(job, bodies, identities, painted,
+                                                          width, height):
                 rgba_out.write(rgba)
                 depth_out.write(depth_to_mm(depth))
+                inst_out.write(inst)
                 covered += float((rgba[..., 3] > 0).mean())
+                if light is not None:
+                    gains.append(self._gain(light))
         if rgba_out.frames != frames:
             raise VideoFailed(f"wrote {rgba_out.frames} frames, expected {frames}")
         return {
@@ -234,32 +301,88 @@ class RenderStage(Stage):
                            for tid, ident in zip(bodies.track_ids, identities, strict=True)],
             "mean_coverage": round(covered / max(frames, 1), 5),
             "frames_with_avatar": int(bodies.present.any(axis=1).sum()),
+            "lighting": self.config.lighting,
+            "mean_light_gain": round(float(np.mean(gains)), 4) if gains else None,
         }
+
+    def _gain(self, light: Lighting) -> float:
+        """How much the light was scaled from the configured one."""
+        c = self.config
+        if c.ambient > 0:
+            return light.ambient / c.ambient
+        return light.key_intensity / c.key_light if c.key_light > 0 else 1.0
+
+    def _identities(self, job: VideoJob, bodies: Bodies) -> list[Identity]:
+        """One new identity per track (see stages.appearance.assign_identities)."""
+        labels = self.body.phenotype_labels
+        estimated = [dict(zip(labels, map(float, row), strict=False))
+                     for row in bodies.phenotype]
+        try:
+            return assign_identities(
+                self.config.seed, job.video.id, [int(t) for t in bodies.track_ids],
+                self.palettes, self.config.identity, estimated,
+                self.config.far_gender_margin, self.config.far_build_margin,
+            )
+        except ValueError as exc:
+            raise VideoFailed(str(exc)) from exc
 
     def _write_identities(self, job: VideoJob, bodies: Bodies,
                           identities: list[Identity]) -> None:
+        labels = list(self.body.phenotype_labels)
         doc = {
             "video": job.video.id,
             "render_seed": self.config.seed,
             "identity": self.config.identity,
-            "phenotype_labels": list(self.body.phenotype_labels),
-            "tracks": [{"track_id": int(tid), **ident.to_dict()}
-                       for tid, ident in zip(bodies.track_ids, identities, strict=True)],
+            "phenotype_labels": labels,
+            "tracks": [{"track_id": int(tid), "slot": slot,
+                        "estimated_phenotype": {k: round(float(v), 4)
+                                                for k, v in zip(labels, est, strict=False)},
+                        **ident.to_dict()}
+                       for slot, (tid, est, ident) in enumerate(
+                           zip(bodies.track_ids, bodies.phenotype, identities, strict=True))],
         }
         (job.out_dir / "identities.json").write_text(json.dumps(doc, indent=2) + "\n")
 
+    def _source_chunks(self, job: VideoJob, chunk: int, frames: int,
+                       ) -> Iterator[np.ndarray | None]:
+        """The source video's frames in chunks of `chunk`, in step with the bodies (only
+        read when the light is estimated from them); a source shorter than the fit repeats
+        its last frame."""
+        if self.config.lighting != "estimated":
+            while True:
+                yield None
+        last = None
+        try:
+            for frames_chunk in iter_chunks(job.video.path, chunk):
+                last = frames_chunk[-1:]
+                yield frames_chunk
+        except VideoDecodeError as exc:
+            raise VideoFailed(f"lighting needs the source frames: {exc}") from exc
+        while True:
+            yield np.repeat(last, chunk, axis=0)
+
     def _frames(self, job: VideoJob, bodies: Bodies, identities: list[Identity],
                 painted: list[PaintedMesh], width: int, height: int,
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(RGBA, depth in metres) per frame, bodies posed chunk by chunk."""
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, Lighting | None]]:
+        """(RGBA, depth in metres, instance ids, lighting or None) per frame, bodies posed
+        chunk by chunk."""
         frames = bodies.present.shape[0]
         chunk = job.run.chunk_frames
-        empty = (np.zeros((height, width, 4), np.uint8), np.zeros((height, width), np.float32))
+        empty = (np.zeros((height, width, 4), np.uint8), np.zeros((height, width), np.float32),
+                 np.zeros((height, width), np.uint8), None)
         new_phen = np.stack([i.phenotype_vector(self.body.phenotype_labels) for i in identities]) \
-            if identities else np.zeros((0, len(self.body.phenotype_labels)), np.float32)
+            if identities \
+            else np.zeros((0, len(self.body.phenotype_labels)), np.float32)
         fx, fy, cx, cy = bodies.camera
+        estimator = LightEstimator(self.fixed_lighting, reference=self.config.light_reference,
+                                   gain_range=self.config.light_gain,
+                                   smoothing=self.config.light_smoothing)
+        # Instance value per track slot: 1 + slot, 255 for slot 254 and beyond.
+        slot_value = np.minimum(np.arange(len(painted)) + 1, 255).astype(np.uint8)
+        sources = self._source_chunks(job, chunk, frames)
         for start in range(0, frames, chunk):
             stop = min(start + chunk, frames)
+            src = next(sources)
             entries = np.argwhere(bodies.present[start:stop])  # (n, 2): frame offset, track
             verts = self._pose(bodies, new_phen, entries + [start, 0]) if len(entries) else None
             for dt in range(stop - start):
@@ -274,9 +397,18 @@ class RenderStage(Stage):
                     normals = vertex_normals(v, self.body.faces)
                     meshes.append(MeshData(pm.vertices(v), pm.faces, pm.colors,
                                            normals=pm.vertices(normals)))
-                yield self.renderer(width, height).render(meshes, fx, fy, cx, cy,
-                                                          self.lighting)
+                light = self.fixed_lighting
+                if src is not None:
+                    frame = src[min(dt, len(src) - 1)]
+                    light = estimator.update(frame, _box(verts[rows], bodies.camera))
+                rgba, depth, inst = self.renderer(width, height).render_instances(
+                    meshes, fx, fy, cx, cy, light)
+                # Mesh i of this frame is track slot entries[rows[i], 1].
+                lut = np.zeros(256, np.uint8)
+                lut[1: len(rows) + 1] = slot_value[entries[rows, 1]]
+                yield rgba, depth, lut[inst], light
             job.advance(stop - start)
+        sources.close()  # closes the source decoder before the video ends
 
     @torch.no_grad()
     def _pose(self, bodies: Bodies, new_phen: np.ndarray, entries: np.ndarray) -> np.ndarray:

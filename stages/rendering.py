@@ -27,11 +27,14 @@ import threading
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyrender  # noqa: E402
 from OpenGL.error import Error as GLError  # noqa: E402
+
+_T = TypeVar("_T")
 
 # Camera pose (camera -> world) that turns pyrender's OpenGL camera into an OpenCV one
 # when the world frame is the OpenCV camera frame.
@@ -59,6 +62,89 @@ class Lighting:
     key_intensity: float = 2.5  # directional light intensity (pyrender units)
     key_direction: tuple[float, float, float] = (-0.4, 0.6, 1.0)  # where the light travels
     key_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+# sRGB byte -> linear light (the same 2.2 power pyrender's shader encodes with), and
+# Rec. 709 luma weights: luminance is measured in linear light, where light adds up.
+_TO_LINEAR = ((np.arange(256) / 255.0) ** 2.2).astype(np.float32)
+_LUMA = np.array([0.2126, 0.7152, 0.0722], np.float32)
+
+
+def surround_light(frame: np.ndarray, box: Sequence[float], ring: float = 0.5,
+                   ) -> tuple[float, float, float]:
+    """Light around a person's box in an RGB uint8 frame: (mean linear luminance,
+    left-right balance, top-bottom balance). The box (x0, y0, x1, y1 px) is grown by
+    `ring` x its larger side; the ring between the two boxes is what lights the person
+    (their own pixels would say more about their clothes than about the light). A balance
+    is (right - left) / (right + left) of the ring's two halves, in [-1, 1], likewise
+    (bottom - top) / (bottom + top)."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (float(b) for b in box)
+    grow = ring * max(x1 - x0, y1 - y0, 1.0)
+    ox0, oy0 = int(np.clip(x0 - grow, 0, w - 1)), int(np.clip(y0 - grow, 0, h - 1))
+    ox1, oy1 = int(np.clip(x1 + grow, ox0 + 1, w)), int(np.clip(y1 + grow, oy0 + 1, h))
+    # Every other pixel is plenty for a mean and keeps this a few ms at 1080p.
+    step = 2 if (ox1 - ox0) * (oy1 - oy0) > 40000 else 1
+    crop = frame[oy0:oy1:step, ox0:ox1:step, :3]
+    lum = _TO_LINEAR[crop] @ _LUMA
+    ys = oy0 + step * np.arange(lum.shape[0])[:, None]
+    xs = ox0 + step * np.arange(lum.shape[1])[None, :]
+    inside = (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
+    if inside.all():  # the person fills the frame: the whole frame is all there is
+        inside = np.zeros_like(inside)
+    cxm, cym = (x0 + x1) / 2, (y0 + y1) / 2
+
+    def mean(sel: np.ndarray) -> float:
+        sel = sel & ~inside
+        return float(lum[sel].mean()) if sel.any() else float(lum[~inside].mean())
+
+    def balance(a: float, b: float) -> float:
+        return (b - a) / max(a + b, 1e-6)
+
+    xs_b, ys_b = np.broadcast_to(xs, lum.shape), np.broadcast_to(ys, lum.shape)
+    return (mean(np.ones_like(inside)), balance(mean(xs_b < cxm), mean(xs_b >= cxm)),
+            balance(mean(ys_b < cym), mean(ys_b >= cym)))
+
+
+@dataclass
+class LightEstimator:
+    """Ambient and key light for the avatars from the video around them.
+
+    Intensity: both lights are the configured ones scaled by the surroundings' linear
+    luminance relative to `reference` (the luminance the configured lights suit), so a
+    dim scene gets a dim avatar, as a real body there would reflect less light; the gain
+    is clipped to `gain_range` so an avatar is never black nor washed out to white.
+    Direction: the key light comes from the brighter side of the surroundings, from the
+    front and above when they are even. Estimates are smoothed over time with an
+    exponential moving average (`smoothing` = weight of the past), so the light does not
+    flicker with the content of single frames."""
+
+    base: Lighting
+    reference: float = 0.35
+    gain_range: tuple[float, float] = (0.35, 1.4)
+    smoothing: float = 0.8
+    steer: float = 1.5  # how far a full left/right or top/bottom balance turns the key
+    _state: np.ndarray | None = field(default=None, repr=False)
+
+    def update(self, frame: np.ndarray, box: Sequence[float]) -> Lighting:
+        stats = np.asarray(surround_light(frame, box), dtype=np.float64)
+        if self._state is None:
+            self._state = stats
+        else:
+            self._state = self.smoothing * self._state + (1.0 - self.smoothing) * stats
+        return self.lighting()
+
+    def lighting(self) -> Lighting:
+        if self._state is None:
+            return self.base
+        lum, dx, dy = self._state
+        gain = float(np.clip(lum / self.reference, *self.gain_range))
+        # Light travels away from the bright side: towards -x when the right is brighter.
+        direction = (-self.steer * dx, 0.5 - self.steer * dy, 1.0)
+        return Lighting(ambient=self.base.ambient * gain,
+                        key_intensity=self.base.key_intensity * gain,
+                        key_direction=tuple(float(d) for d in direction),
+                        key_color=self.base.key_color)
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -159,8 +245,9 @@ class _SharedContext:
                 cls.renderer = None
 
     @classmethod
-    def render_scene(cls, build: Callable[[], pyrender.Scene], width: int,
-                     height: int) -> tuple[np.ndarray, np.ndarray]:
+    def render_scene(cls, draw: Callable[[pyrender.OffscreenRenderer], _T], width: int,
+                     height: int) -> _T:
+        """`draw(renderer)` with the shared renderer sized to width x height."""
         with cls.lock:
             for attempt in range(2):
                 if cls.renderer is None:
@@ -168,7 +255,7 @@ class _SharedContext:
                 r = cls.renderer
                 r.viewport_width, r.viewport_height = width, height
                 try:
-                    return r.render(build(), flags=pyrender.RenderFlags.RGBA)
+                    return draw(r)
                 except GLError:
                     if attempt:
                         raise
@@ -202,19 +289,46 @@ class OffscreenRenderer:
         """RGBA uint8 (H, W, 4), straight alpha, and depth float32 (H, W) in metres along
         the optical axis (0 where nothing was drawn). Tuples are read as MeshData fields
         in order: (vertices, faces, colors, ...)."""
+        rgba, depth, _ = self._render(meshes, (fx, fy, cx, cy), lights, instances=False)
+        return rgba, depth
+
+    def render_instances(
+        self,
+        meshes: Sequence[MeshData | tuple],
+        fx: float,
+        fy: float,
+        cx: float,
+        cy: float,
+        lights: Lighting | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As render(), plus a uint8 (H, W) instance map: 1 + the index of the mesh seen
+        at each pixel centre, 0 where none (at most 255 meshes). The map comes from a
+        second, unlit and not antialiased pass over the same scene, so it follows the
+        same depth test as the colour, with hard edges; the depth returned is that pass's
+        (at pixel centres), so depth and instances agree on every pixel."""
+        if len(meshes) > 255:
+            raise ValueError("at most 255 meshes have an instance id")
+        rgba, depth, inst = self._render(meshes, (fx, fy, cx, cy), lights, instances=True)
+        assert inst is not None
+        return rgba, depth, inst
+
+    def _render(self, meshes: Sequence[MeshData | tuple], intrinsics: tuple[float, ...],
+                lights: Lighting | None, instances: bool,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if not self._alive:
             raise RuntimeError("render() after delete()")
         if not meshes:
             return (np.zeros((self.height, self.width, 4), np.uint8),
-                    np.zeros((self.height, self.width), np.float32))
+                    np.zeros((self.height, self.width), np.float32),
+                    np.zeros((self.height, self.width), np.uint8) if instances else None)
         lights = lights or Lighting()
         data = [m if isinstance(m, MeshData) else MeshData(*m) for m in meshes]
+        fx, fy, cx, cy = intrinsics
 
-        def build() -> pyrender.Scene:
+        def build() -> tuple[pyrender.Scene, list[pyrender.Node]]:
             scene = pyrender.Scene(bg_color=(0.0, 0.0, 0.0, 0.0),
                                    ambient_light=(lights.ambient,) * 3)
-            for mesh in data:
-                scene.add(pyrender.Mesh(primitives=[_primitive(mesh)]))
+            nodes = [scene.add(pyrender.Mesh(primitives=[_primitive(mesh)])) for mesh in data]
             camera = pyrender.IntrinsicsCamera(
                 fx=float(fx), fy=float(fy), cx=float(cx) + 0.5, cy=float(cy) + 0.5,
                 znear=self.znear, zfar=self.zfar,
@@ -224,10 +338,23 @@ class OffscreenRenderer:
                 key = pyrender.DirectionalLight(color=lights.key_color,
                                                 intensity=lights.key_intensity)
                 scene.add(key, pose=_look_along(lights.key_direction))
-            return scene
+            return scene, nodes
 
-        color, depth = _SharedContext.render_scene(build, self.width, self.height)
-        return _unpremultiply(color), np.asarray(depth, dtype=np.float32)
+        def draw(r: pyrender.OffscreenRenderer,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            scene, nodes = build()
+            color, depth = r.render(scene, flags=pyrender.RenderFlags.RGBA)
+            inst = None
+            if instances:
+                # pyrender scales segmentation colours by 1/255 into an 8-bit buffer,
+                # so the ids come back exactly.
+                ids = {node: (i + 1, i + 1, i + 1) for i, node in enumerate(nodes)}
+                seg, depth = r.render(scene, flags=pyrender.RenderFlags.SEG, seg_node_map=ids)
+                inst = np.ascontiguousarray(seg[..., 0])
+            return color, depth, inst
+
+        color, depth, inst = _SharedContext.render_scene(draw, self.width, self.height)
+        return _unpremultiply(color), np.asarray(depth, dtype=np.float32), inst
 
     def delete(self) -> None:
         if self._alive:

@@ -18,22 +18,36 @@ from pipeline.video import VideoWriter, iter_frames, probe
 from stages.appearance import (
     PARTS,
     REGIONS,
+    appearance_key,
+    assign_identities,
     identity_seed,
     load_palettes,
     sample_identity,
 )
 from stages.body import COCO23
 from stages.render import RenderConfig, RenderStage
-from stages.rendering import Lighting, MeshData, OffscreenRenderer
+from stages.rendering import (
+    LightEstimator,
+    Lighting,
+    MeshData,
+    OffscreenRenderer,
+    surround_light,
+)
 
 W, H, T = 160, 120, 8
 CAMERA = np.array([150.0, 150.0, 80.0, 60.0], dtype=np.float32)
 VIDEO_ID = "wave/clip_01"
 
 
+def _config(**changes) -> RenderConfig:
+    """Random identities and fixed light unless a test asks otherwise: the avatar's shape
+    and colours are then known exactly (and no source video is needed)."""
+    return RenderConfig(**{"identity": "random", "lighting": "fixed", **changes})
+
+
 @pytest.fixture(scope="module")
 def stage() -> RenderStage:
-    s = RenderStage(RenderConfig(), RunSection(chunk_frames=3))
+    s = RenderStage(_config(), RunSection(chunk_frames=3))
     s.setup()
     yield s
     s.teardown()
@@ -55,16 +69,17 @@ def _real_joints(stage: RenderStage, pose, phen, orient, transl) -> np.ndarray:
 
 
 def _write_fit(stage: RenderStage, fit_dir: Path, xs: list[float], phenotypes: np.ndarray,
-               present: np.ndarray, track_ids: list[int]) -> np.ndarray:
-    """bodies.npz for people standing 3 m in front of the camera at horizontal offsets
-    `xs`; returns joints3d (T, P, 23, 3)."""
+               present: np.ndarray, track_ids: list[int],
+               zs: list[float] | None = None) -> np.ndarray:
+    """bodies.npz for people standing 3 m (or `zs`) in front of the camera at horizontal
+    offsets `xs`; returns joints3d (T, P, 23, 3)."""
     p = len(xs)
     pose = np.repeat(_poses(stage, T)[:, None], p, axis=1)
     orient = np.zeros((T, p, 3), np.float32)
     transl = np.zeros((T, p, 3), np.float32)
     transl[..., 0] = np.asarray(xs, np.float32)
     transl[..., 1] = -0.02
-    transl[..., 2] = 3.0
+    transl[..., 2] = np.asarray(zs if zs is not None else [3.0] * p, np.float32)
     joints = np.zeros((T, p, len(COCO23), 3), np.float32)
     for i in range(p):
         phen = np.repeat(phenotypes[i][None], T, axis=0)
@@ -88,6 +103,14 @@ def _job(tmp: Path, name: str, frames: int = T) -> VideoJob:
         run=RunSection(chunk_frames=3),
         upstream={"detect": {"video": video, "tracks": 1}},
     )
+
+
+def _write_source(job: VideoJob, value: int | np.ndarray) -> None:
+    """The source video the light is estimated from: T frames of one grey value (or one
+    given frame)."""
+    frame = np.broadcast_to(np.asarray(value, np.uint8), (H, W, 3))
+    with VideoWriter(job.video.path, Fraction(25), W, H, kind="rgb") as src:
+        src.write_chunk(np.repeat(frame[None], T, axis=0))
 
 
 def _read(out: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +187,7 @@ def test_clothes_and_skin_colours_show_up(stage, tmp_path):
     phen = _own_phenotype(stage, 0, 7)[None]
     _write_fit(stage, tmp_path / "fit", [0.0], phen, np.ones((T, 1), bool), [7])
     # Ambient light only: every pixel shows its region's colour unshaded.
-    flat = RenderStage(RenderConfig(ambient=1.0, key_light=0.0), RunSection(chunk_frames=3))
+    flat = RenderStage(_config(ambient=1.0, key_light=0.0), RunSection(chunk_frames=3))
     flat.setup()
     job = _job(tmp_path, "out")
     flat.process(job)
@@ -198,7 +221,7 @@ def test_identities_are_seeded_and_differ_between_tracks(stage, tmp_path):
     joints = _write_fit(stage, tmp_path / "fit", [-0.6, 0.6], phen, present, [1, 2])
 
     def run(seed: int, name: str) -> tuple[dict, np.ndarray]:
-        s = RenderStage(RenderConfig(seed=seed), RunSection(chunk_frames=3))
+        s = RenderStage(_config(seed=seed), RunSection(chunk_frames=3))
         s.setup()  # the body model is cached per process: cheap
         job = _job(tmp_path, name)
         s.process(job)
@@ -285,6 +308,13 @@ def test_config_rejects_bad_values():
         RenderConfig(identity="celebrity")
     with pytest.raises(ValueError):
         RenderConfig(unknown=1)
+    with pytest.raises(ValueError):
+        RenderConfig(light_gain=(1.5, 1.0))
+    with pytest.raises(ValueError):
+        RenderConfig(lighting="studio")
+    with pytest.raises(ValueError):
+        RenderConfig(far_gender_margin=0.6)
+    assert RenderConfig().identity == "far" and RenderConfig().lighting == "estimated"
 
 
 # ------------------------------------------------------------------------- the renderer
@@ -409,3 +439,205 @@ def _with(ident, **changes):
     for key, upd in changes.items():
         d[key] = {**d[key], **upd}
     return type(ident)(**d)
+
+
+# ------------------------------------------------------------------ identity policies
+
+
+def test_far_identities_move_gender_and_build_away_from_the_real_person():
+    pal = load_palettes()
+    rng = np.random.default_rng(0)
+    labels = ("gender", "age", "muscle", "weight", "height", "proportions")
+    for i in range(60):
+        est = dict(zip(labels, rng.uniform(0, 1, 6).round(3).tolist(), strict=True))
+        if i == 0:
+            est["gender"] = 0.5  # the fit's default: counted as the female side
+        a, b = (assign_identities(4, "v", [i], pal, "far", [est], 0.2, 0.25)[0]
+                for _ in range(2))
+        assert a.to_dict() == b.to_dict()  # seedable
+        g = a.phenotype["gender"]
+        assert (g <= 0.3) if est["gender"] >= 0.5 else (g >= 0.7), (est, g)
+        for label in ("weight", "muscle"):
+            assert abs(a.phenotype[label] - est[label]) >= 0.25, (label, est, a.phenotype)
+            assert 0.0 <= a.phenotype[label] <= 1.0
+        if a.beard:
+            assert g < 0.35
+    # A random identity keeps its look when made far: only the body changes.
+    plain = assign_identities(4, "v", [3], pal, "random")[0]
+    far = assign_identities(4, "v", [3], pal, "far", [dict.fromkeys(labels, 0.5)])[0]
+    assert appearance_key(plain) == appearance_key(far)
+    assert plain.phenotype["age"] == far.phenotype["age"]
+    assert plain.phenotype["gender"] != far.phenotype["gender"] or plain.phenotype[
+        "gender"] < 0.3
+
+
+def test_tracks_never_share_a_look():
+    pal = load_palettes()
+    many = assign_identities(1, "crowd", list(range(80)), pal, "far", [{}] * 80)
+    assert len({appearance_key(i) for i in many}) == 80
+    # A palette with exactly three looks: three tracks take all three, a fourth cannot.
+    tiny = {**pal, "skin_tones": pal["skin_tones"][:1], "hair_colors": pal["hair_colors"][:1],
+            "hair_styles": pal["hair_styles"][:1], "head_covers": [{"name": "none"}],
+            "clothing": {**pal["clothing"], "top_colors": pal["clothing"]["top_colors"][:3],
+                         "top_patterns": pal["clothing"]["top_patterns"][:1]}}
+    three = assign_identities(0, "v", [5, 6, 7], tiny)
+    assert sorted(i.top["name"] for i in three) == sorted(
+        c["name"] for c in tiny["clothing"]["top_colors"])
+    assert three[0].to_dict() == sample_identity(identity_seed(0, "v", 5), tiny).to_dict()
+    with pytest.raises(ValueError, match="no new look"):
+        assign_identities(0, "v", [5, 6, 7, 8], tiny, max_attempts=50)
+
+
+def test_far_policy_in_the_stage(tmp_path):
+    real = np.array([[0.9, 0.5, 0.7, 0.8, 0.4, 0.5], [0.1, 0.5, 0.2, 0.3, 0.4, 0.5]],
+                    np.float32)
+    far_stage = RenderStage(_config(identity="far"), RunSection(chunk_frames=3))
+    far_stage.setup()
+    _write_fit(far_stage, tmp_path / "fit", [-0.6, 0.6], real, np.ones((T, 2), bool),
+               [1, 2])
+    job = _job(tmp_path, "out")
+    far_stage.process(job)
+    far_stage.teardown()
+    doc = json.loads((job.out_dir / "identities.json").read_text())
+    labels = doc["phenotype_labels"]
+    for track, est in zip(doc["tracks"], real, strict=True):
+        e = dict(zip(labels, est.tolist(), strict=True))
+        assert track["estimated_phenotype"]["gender"] == pytest.approx(e["gender"], abs=1e-4)
+        g = track["phenotype"]["gender"]
+        assert (g <= 0.3) if e["gender"] >= 0.5 else (g >= 0.7)
+        assert abs(track["phenotype"]["weight"] - e["weight"]) >= 0.2
+
+
+# ------------------------------------------------------------------------- lighting
+
+
+def test_surround_light_reads_level_and_direction():
+    frame = np.zeros((H, W, 3), np.uint8)
+    frame[:, W // 2:] = 220  # bright on the right
+    lum, dx, dy = surround_light(frame, (60, 30, 100, 90))
+    assert dx > 0.9 and abs(dy) < 0.05 and 0.1 < lum < 0.5
+    est = LightEstimator(Lighting(), smoothing=0.5)
+    light = est.update(frame, (60, 30, 100, 90))
+    assert light.key_direction[0] < 0  # travels left: comes from the bright right
+    # Smoothing: one dark frame only halves the way to darkness.
+    dark = est.update(np.zeros_like(frame), (60, 30, 100, 90))
+    assert 0 < dark.ambient < light.ambient
+    assert dark.ambient >= Lighting().ambient * est.gain_range[0] - 1e-9
+    top = np.zeros((H, W, 3), np.uint8)
+    top[: H // 2] = 200
+    down = LightEstimator(Lighting()).update(top, (60, 30, 100, 90))
+    assert down.key_direction[1] > 0.5  # from above
+
+
+def test_a_dark_video_gives_a_darker_avatar_never_black_nor_white(stage, tmp_path):
+    _write_fit(stage, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
+               np.ones((T, 1), bool), [4])
+    est = RenderStage(_config(lighting="estimated"), RunSection(chunk_frames=3))
+    est.setup()
+    lum = {}
+    for name, grey in (("dark", 12), ("mid", 110), ("bright", 250)):
+        job = _job(tmp_path, name)
+        _write_source(job, grey)
+        summary = est.process(job)
+        rgba, _ = _read(job.out_dir)
+        body = rgba[..., :3][rgba[..., 3] == 255].astype(float)
+        luma = body @ [0.2126, 0.7152, 0.0722]
+        lum[name] = float(luma.mean())
+        assert summary["lighting"] == "estimated" and summary["mean_light_gain"] > 0
+        assert np.median(luma) > 25, name  # never black
+        assert (body.max(axis=1) >= 254).mean() < 0.1, name  # never washed out
+    est.teardown()
+    assert lum["dark"] < lum["mid"] < lum["bright"]
+    assert lum["bright"] / lum["dark"] > 1.5
+
+
+def test_estimated_lighting_needs_the_source(tmp_path):
+    s = RenderStage(_config(lighting="estimated"), RunSection(chunk_frames=3))
+    s.setup()
+    _write_fit(s, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
+               np.ones((T, 1), bool), [0])
+    with pytest.raises(VideoFailed, match="source"):
+        s.process(_job(tmp_path, "out"))  # no source video written
+    s.teardown()
+
+
+# -------------------------------------------------------------- several people
+
+
+def test_nearer_avatar_hides_the_farther_one_and_instances_say_who(stage, tmp_path):
+    # Track 10 (slot 0) 4 m away, track 20 (slot 1) 3 m away and 5 cm to the side.
+    phen = np.full((2, 6), 0.5, np.float32)
+    present = np.ones((T, 2), bool)
+    present[6:, 1] = False  # the near person leaves
+    joints = _write_fit(stage, tmp_path / "fit", [0.0, 0.05], phen, present, [10, 20],
+                        zs=[4.0, 3.0])
+    job = _job(tmp_path, "out")
+    stage.process(job)
+    rgba, depth = _read(job.out_dir)
+    inst = np.stack(list(iter_frames(job.out_dir / "instances.mkv", "gray")))
+    assert inst.shape == (T, H, W) and set(np.unique(inst)) <= {0, 1, 2}
+    # The far person's chest, straight behind the near one's body.
+    chest = joints[:, 0, [COCO23.index("left_shoulder"), COCO23.index("right_shoulder"),
+                          COCO23.index("left_hip"), COCO23.index("right_hip")]].mean(axis=1)
+    for t in range(T):
+        u, v = np.rint(_project(chest[t])).astype(int)
+        if present[t, 1]:
+            assert inst[t, v, u] == 2 and 2800 < int(depth[t, v, u]) < 3100, t
+        else:
+            assert inst[t, v, u] == 1 and 3800 < int(depth[t, v, u]) < 4100, t
+        both = (inst[t] > 0) & (rgba[t, ..., 3] == 255)
+        # Instances cover what was drawn (up to antialiased edges), nothing else.
+        assert ((inst[t] > 0) == (rgba[t, ..., 3] > 0)).mean() > 0.99
+        near = depth[t][inst[t] == 2].astype(int)
+        far = depth[t][inst[t] == 1].astype(int)
+        assert both.any() and far.min() > 3500
+        if present[t, 1]:
+            assert near.max() < 3300
+    # Both people are seen in a frame where they overlap.
+    assert (inst[0] == 1).sum() > 50 and (inst[0] == 2).sum() > 50
+
+
+def test_renderer_instance_ids_follow_the_depth_test():
+    with OffscreenRenderer(W, H) as r:
+        far = _square(0.0, 0.0, 3.0, 0.3, color=(200, 0, 0))
+        near = _square(0.1, 0.0, 2.0, 0.1, color=(0, 200, 0))
+        rgba, depth, inst = r.render_instances([near, far], 100, 100, 80, 60)
+        assert inst[60, 85] == 1 and inst[60, 73] == 2 and inst[5, 5] == 0
+        assert depth[60, 85] == pytest.approx(2.0, abs=1e-3)
+        plain, _ = r.render([near, far], 100, 100, 80, 60)
+        assert np.array_equal(plain, rgba)
+
+
+def _area(painted, regions, region: str) -> float:
+    v = painted.vertices(regions.rest)
+    tri = v[painted.faces[painted.face_region == REGIONS.index(region)]]
+    return float(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
+                                axis=1).sum() / 2)
+
+
+def test_head_covers_hide_hair_and_ears_not_the_face(stage):
+    regions = stage.regions
+    ident = _with(sample_identity(11, stage.palettes), hair={"style": "long"})
+    red = {"name": "red", "rgb": [180, 30, 36]}
+    bare, beanie, scarf = (regions.paint(_with(ident, head_cover={"style": s, **red}))
+                           for s in ("none", "beanie", "headscarf"))
+    assert _area(bare, regions, "head_cover") == 0
+    assert 0 < _area(beanie, regions, "hair") < _area(bare, regions, "hair")
+    assert _area(scarf, regions, "hair") < _area(beanie, regions, "hair")
+    assert _area(scarf, regions, "head_cover") > _area(beanie, regions, "head_cover") > 0.01
+    # The face stays free: eyes, lips and the skin around them.
+    for name in ("iris", "lips", "brow"):
+        assert _area(scarf, regions, name) == pytest.approx(_area(bare, regions, name))
+    c = regions.rest[regions.faces].mean(axis=1)
+    assert tuple(regions.colors(_with(ident, head_cover={"style": "beanie", **red}))[
+        REGIONS.index("head_cover")]) == (180, 30, 36)
+    # Ears (the widest part of the head) are under the scarf.
+    v = scarf.vertices(regions.rest)
+    fc = v[scarf.faces].mean(axis=1)
+    head_x = np.abs(c[regions.face_part == PARTS.index("head"), 0]).max()
+    ears = (np.abs(fc[:, 0]) > 0.95 * head_x) & (fc[:, 1] < regions.kp["left_shoulder"][1] - 0.1)
+    assert ears.sum() > 5
+    assert (scarf.face_region[ears] == REGIONS.index("head_cover")).mean() > 0.9
+    covers = {sample_identity(identity_seed(2, "v", i), stage.palettes).head_cover["style"]
+              for i in range(60)}
+    assert covers == {"none", "beanie", "headscarf"}
