@@ -6,9 +6,11 @@ a pose, a global orientation and a translation, found by Adam on
 
     robust (Geman-McClure) reprojection of Anny's 23 COCO keypoints onto the BlazePose
     landmarks they correspond to, weighted by visibility, normalized by the person's size
-  + pose prior (L2 on the bone rotations, stiffer for spine, neck, clavicles, wrists, feet,
-    and much stiffer for a bone whose end keypoint is unseen in that frame)
-  + joint limits (knees and elbows bend one way, like hinges)
+  + pose prior (L2 on the bone rotations away from a relaxed stance, arms at the sides
+    (RELAXED), stiffer for spine, neck, clavicles, wrists, feet, and much stiffer for a
+    bone whose end keypoint is unseen in that frame: an unseen limb hangs naturally)
+  + joint limits: each bone's rotation, split into flexion, abduction and twist about
+    anatomical axes, kept within a range (JOINT_RANGES; knees and elbows are hinges)
   + temporal smoothness (second differences of pose, orientation and translation)
   + a weak 3D term on BlazePose's world landmarks (metric, hip-centred), which tells a limb
     pointing at the camera from one pointing away
@@ -18,8 +20,10 @@ Only the major bones are optimized (spine, neck, head, clavicles, upper and lowe
 wrists, upper and lower legs, feet); fingers, toes and twist bones stay at zero.
 
 Per window of frames: initialize each frame's orientation from the torso of BlazePose's
-world landmarks (so a person seen from behind starts turned round) and its depth from the
-torso's size in pixels; then Adam in two stages: orientation and translation on the torso
+world landmarks (so a person seen from behind starts turned round), its depth from the
+torso's size in pixels, and its arms and legs from the directions of the world landmarks'
+limb segments (so a limb starts on the right side of the camera's depth ambiguity); then
+Adam in two stages: orientation and translation on the torso
 keypoints (squared error), then everything, the robust scale shrinking from wide to
 `robust_sigma` (far from the data a robust loss has no gradient). Long videos are fitted
 in windows of `chunk_frames` frames; each starts from the previous window's last pose and
@@ -101,8 +105,52 @@ HINGES = (
     ("lowerleg01.L", "foot.L", (0.0, 1.0, 0.0)),
     ("lowerleg01.R", "foot.R", (0.0, 1.0, 0.0)),
 )
+HINGE_BONES = frozenset(h[0] for h in HINGES)
+# Where the pose prior pulls (and an unseen limb rests): arms hanging at the sides with the
+# elbows a little bent, as people stand, rather than Anny's rest A-pose (arms 45 degrees
+# out, elbows bent 36). (flexion, abduction, twist) about the JOINT_RANGES axes, radians.
+RELAXED: dict[str, tuple[float, float, float]] = {
+    "upperarm01.L": (0.0, -0.6, 0.0), "upperarm01.R": (0.0, -0.6, 0.0),
+    "lowerarm01.L": (-0.25, 0.0, 0.0), "lowerarm01.R": (-0.25, 0.0, 0.0),
+}
 # Rotation about anything but a hinge's axis costs this much more than the hinge angle.
 HINGE_OFF_AXIS = 20.0
+# Directions in Anny's frame (Z up, the body facing -Y, its left towards +X).
+FORWARD, BACKWARD, UP = (0.0, -1.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+LEFT, RIGHT = (1.0, 0.0, 0.0), (-1.0, 0.0, 0.0)
+Range = tuple[float, float]
+# Anatomical ranges per optimized bone, in radians from Anny's rest pose (arms in an A,
+# elbows bent ~36 degrees): (segment, flexion swing, abduction swing, (flexion, abduction,
+# twist) ranges). The segment (from one bone's head to another's, or a fixed direction) is
+# the twist axis; flexion rotates it towards the flexion swing, abduction towards the
+# abduction swing. A hinge's off-axis rotation has its own penalty (HINGE_OFF_AXIS), so
+# only its flexion range is used. Limits are generous: they keep the fit out of poses no
+# body takes (a knee bent forward, a thigh through the belly), not out of unusual ones.
+JOINT_RANGES: dict[str, tuple[Any, tuple[float, ...], tuple[float, ...],
+                              tuple[Range, Range, Range]]] = {
+    **{f"spine0{i}": ((f"spine0{i}", nxt), FORWARD, LEFT,
+                      ((-0.12, 0.3), (-0.12, 0.12), (-0.15, 0.15)))
+       for i, nxt in ((5, "spine04"), (4, "spine03"), (3, "spine02"), (2, "spine01"),
+                      (1, "neck01"))},
+    "neck01": (("neck01", "head"), FORWARD, LEFT, ((-0.5, 0.6), (-0.4, 0.4), (-0.7, 0.7))),
+    "head": (UP, FORWARD, LEFT, ((-0.4, 0.5), (-0.3, 0.3), (-0.6, 0.6))),
+    **{f"clavicle.{s}": ((f"clavicle.{s}", f"upperarm01.{s}"), FORWARD, UP,
+                         ((-0.3, 0.3), (-0.2, 0.45), (-0.3, 0.3))) for s in "LR"},
+    **{f"upperarm01.{s}": ((f"upperarm01.{s}", f"lowerarm01.{s}"), FORWARD, UP,
+                           ((-1.0, 2.9), (-0.9, 2.4), (-1.5, 1.5))) for s in "LR"},
+    **{f"lowerarm01.{s}": ((f"lowerarm01.{s}", f"wrist.{s}"), FORWARD, UP,
+                           ((-0.65, 2.5), (-9.0, 9.0), (-9.0, 9.0))) for s in "LR"},
+    **{f"wrist.{s}": ((f"lowerarm01.{s}", f"wrist.{s}"), FORWARD, UP,
+                      ((-1.2, 1.2), (-0.5, 0.5), (-0.4, 0.4))) for s in "LR"},
+    **{f"upperleg01.{s}": ((f"upperleg01.{s}", f"lowerleg01.{s}"), FORWARD, side,
+                           ((-0.5, 2.3), (-0.45, 0.9), (-0.7, 0.7)))
+       for s, side in (("L", LEFT), ("R", RIGHT))},
+    **{f"lowerleg01.{s}": ((f"lowerleg01.{s}", f"foot.{s}"), BACKWARD, side,
+                           ((-0.05, 2.6), (-9.0, 9.0), (-9.0, 9.0)))
+       for s, side in (("L", LEFT), ("R", RIGHT))},
+    **{f"foot.{s}": (FORWARD, UP, side, ((-0.9, 0.6), (-0.35, 0.35), (-0.35, 0.35)))
+       for s, side in (("L", LEFT), ("R", RIGHT))},
+}
 # Anny's ear keypoints average the whole head; BlazePose's are on the ears.
 FACE_WEIGHT = 0.5
 MIN_KEYPOINTS = 4  # visible keypoints needed to fit a frame; fewer: interpolated
@@ -142,7 +190,9 @@ class FitConfig(Section):
     )
     w_pose_prior: float = Field(2e-4, ge=0.0, description="weight of the L2 pose prior")
     w_joint_limits: float = Field(
-        0.05, ge=0.0, description="weight of the knee/elbow hyperextension penalty"
+        0.05, ge=0.0,
+        description="weight of the penalty on bone rotations beyond their anatomical range "
+        "(squared radians)"
     )
     w_smooth_pose: float = Field(
         2e-3, ge=0.0, description="weight of second differences of bone rotations"
@@ -155,6 +205,10 @@ class FitConfig(Section):
     )
     w_world: float = Field(
         0.02, ge=0.0, description="weight of the 3D term on BlazePose world landmarks (m)"
+    )
+    init_limbs_from_world: bool = Field(
+        True, description="start each frame's arms and legs where BlazePose's 3D world "
+        "landmarks point them (picks towards/away from the camera, which 2D cannot)"
     )
     w_shape_prior: float = Field(
         1e-3, ge=0.0, description="weight pulling the phenotype towards the average (0.5)"
@@ -319,6 +373,54 @@ def _hinge_axes(km: KeypointModel, bones: list[int]) -> list[tuple[int, torch.Te
     return out
 
 
+@dataclass
+class JointLimits:
+    """Per optimized bone: anatomical axes (rows: flexion, abduction, twist) in Anny's frame
+    and the allowed range of the rotation's component along each."""
+
+    axes: torch.Tensor  # (B, 3, 3)
+    low: torch.Tensor  # (B, 3)
+    high: torch.Tensor  # (B, 3)
+
+    def penalty(self, pose: torch.Tensor) -> torch.Tensor:
+        """(..., B, 3) axis-angle -> (...): squared excess beyond the ranges. The
+        components of an axis-angle vector along fixed axes approximate Euler angles well
+        within the ranges used here (a few tens of degrees per axis)."""
+        comp = (self.axes @ pose[..., None])[..., 0]
+        excess = torch.relu(self.low - comp) + torch.relu(comp - self.high)
+        return (excess * excess).sum((-1, -2))
+
+
+def joint_limits(km: KeypointModel, names: list[str]) -> JointLimits:
+    """JointLimits of the bones `names` (the order of the optimized bones), from the
+    average body's rest pose."""
+    body = km.body
+    with torch.no_grad():
+        heads = km.rest(body.default_phenotype(1)).heads[0].double().cpu().numpy()
+    pos = {name: i for i, name in enumerate(names)}
+    axes, low, high = [], [], []
+    for name in names:
+        segment, flex_swing, abd_swing, ranges = JOINT_RANGES[name]
+        if isinstance(segment[0], str):
+            d = heads[pos[segment[1]]] - heads[pos[segment[0]]]
+        else:
+            d = np.asarray(segment, dtype=np.float64)
+        d = d / np.linalg.norm(d)
+        flex = np.cross(d, flex_swing)
+        flex /= np.linalg.norm(flex)
+        abd = np.cross(d, abd_swing)
+        abd -= (abd @ flex) * flex  # orthonormal: each component is its own angle
+        abd /= np.linalg.norm(abd)
+        axes.append(np.stack([flex, abd, d]))
+        low.append([r[0] for r in ranges])
+        high.append([r[1] for r in ranges])
+
+    def tensor(x: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), device=body.device, dtype=body.dtype)
+
+    return JointLimits(tensor(axes), tensor(low), tensor(high))
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -441,6 +543,60 @@ def init_frame(
     return FrameInit(rot, ray, depth, model[seen].mean(0))
 
 
+# Limb bones initialized from BlazePose's world landmarks: (bone, parent limb bone or None,
+# the COCO-23 keypoints that span its segment).
+LIMB_SEGMENTS = (
+    ("upperarm01.L", None, (5, 7)), ("lowerarm01.L", "upperarm01.L", (7, 9)),
+    ("upperarm01.R", None, (6, 8)), ("lowerarm01.R", "upperarm01.R", (8, 10)),
+    ("upperleg01.L", None, (11, 13)), ("lowerleg01.L", "upperleg01.L", (13, 15)),
+    ("upperleg01.R", None, (12, 14)), ("lowerleg01.R", "upperleg01.R", (14, 16)),
+)
+
+
+def swing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The shortest rotation (axis-angle, (N, 3)) turning directions a into b (N, 3)."""
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-9)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-9)
+    axis = np.cross(a, b)
+    sin = np.linalg.norm(axis, axis=-1, keepdims=True)
+    angle = np.arctan2(sin, (a * b).sum(-1, keepdims=True))
+    return np.where(sin > 1e-9, axis / np.maximum(sin, 1e-9) * angle, 0.0)
+
+
+def limb_pose_from_world(
+    rest_kp: np.ndarray,  # (23, 3) the body at zero pose, camera axes (root rotation I)
+    world: np.ndarray,  # (T, 23, 3) BlazePose world landmarks
+    w3: np.ndarray,  # (T, 23) their weights
+    rots: np.ndarray,  # (T, 3, 3) the initial global orientations
+    to_camera: np.ndarray,  # (3, 3) Anny's frame -> the body's camera-convention axes
+    limits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],  # bone: axes, low, high
+) -> dict[str, np.ndarray]:
+    """Per limb bone, a (T, 3) axis-angle rotation (Anny's axes) that points its segment
+    where BlazePose's 3D landmarks point it, clamped to the bone's range. From a straight
+    start the 2D reprojection cannot tell a limb swung towards the camera from one swung
+    away (the image changes only to second order), and the fit stays in whichever basin
+    it starts in; BlazePose's learned 3D picks the basin. NaN where the segment is unseen."""
+    out: dict[str, np.ndarray] = {}
+    to_anny = to_camera.T
+    for bone, parent, (a, b) in LIMB_SEGMENTS:
+        seen = (w3[:, a] > 0) & (w3[:, b] > 0)
+        # The target in the body's rest frame, then in Anny's axes.
+        target = np.einsum("tji,tj->ti", rots, world[:, b] - world[:, a]) @ to_anny.T
+        rest = np.broadcast_to((rest_kp[b] - rest_kp[a]) @ to_anny.T, target.shape)
+        if parent is not None:
+            # A child bone's rotation acts after its parent's: undo the parent's.
+            prot = Rotation.from_rotvec(np.nan_to_num(out[parent]))
+            target = prot.inv().apply(target)
+        rv = swing(rest, target)
+        axes, low, high = limits[bone]
+        comp = np.clip(rv @ axes.T, low, high)
+        if bone in HINGE_BONES:
+            comp[:, 1:] = 0.0  # a hinge only flexes
+        rv = comp @ axes
+        out[bone] = np.where(seen[:, None], rv, np.nan)
+    return out
+
+
 def median_filter(values: np.ndarray, radius: int) -> np.ndarray:
     """Running median over +-radius entries: one frame's bad estimate does not spread."""
     out = values.copy()
@@ -516,6 +672,13 @@ class Fitter:
         self.stiffness = torch.tensor(list(BODY_BONES.values()), device=body.device,
                                       dtype=body.dtype)
         self.hinges = _hinge_axes(self.km, self.bones)
+        self.limits = joint_limits(self.km, list(BODY_BONES))
+        relaxed = torch.zeros(len(self.bones), 3, device=body.device, dtype=body.dtype)
+        for k, name in enumerate(BODY_BONES):
+            if name in RELAXED:
+                relaxed[k] = torch.as_tensor(RELAXED[name], device=body.device,
+                                             dtype=body.dtype) @ self.limits.axes[k]
+        self.relaxed = relaxed  # (B, 3) axis-angle, the pose prior's mean
         self.bone_ends = [BONE_ENDS[name] for name in BODY_BONES]
         self.camera = (1.0, 1.0, 0.0, 0.0)  # fx, fy, cx, cy of the video being fitted
 
@@ -545,17 +708,16 @@ class Fitter:
         return self.stiffness * (1.0 + UNSEEN_STIFFNESS * (unseen & valid).to(obs.w2d.dtype))
 
     def _pose_prior(self, pose: torch.Tensor, stiff: torch.Tensor) -> torch.Tensor:
-        """(P, T) L2 prior with hinge joints free to flex one way only."""
+        """(P, T) L2 prior (hinge joints stiff off their axis) plus anatomical limits."""
         cfg = self.config
-        prior = (pose * pose).sum(-1) * stiff
-        limits = torch.zeros_like(prior[..., 0])
+        dev = pose - self.relaxed
+        prior = (dev * dev).sum(-1) * stiff
         for pos, axis in self.hinges:
-            r = pose[..., pos, :]
+            r = dev[..., pos, :]
             angle = r @ axis
             off = r - angle[..., None] * axis
             prior[..., pos] = stiff[..., pos] * angle**2 + HINGE_OFF_AXIS * (off * off).sum(-1)
-            limits = limits + torch.relu(-angle) ** 2
-        return cfg.w_pose_prior * prior.sum(-1) + cfg.w_joint_limits * limits
+        return cfg.w_pose_prior * prior.sum(-1) + cfg.w_joint_limits * self.limits.penalty(pose)
 
     def _smoothness(self, win: Window, anchor: Anchor | None) -> torch.Tensor:
         cfg = self.config
@@ -592,7 +754,14 @@ class Fitter:
         if cfg.w_world > 0:
             hips = kp3d[..., [L_HIP, R_HIP], :].mean(-2, keepdim=True)
             whips = obs.world[..., [L_HIP, R_HIP], :].mean(-2, keepdim=True)
-            d3 = (kp3d - hips) - (obs.world - whips)
+            model, world = kp3d - hips, obs.world - whips
+            # BlazePose's world skeleton has a canonical size: matched at the size of the
+            # fitted torso, it steers the limbs' directions but not the body's height.
+            torso = list(TORSO)
+            size = (model[..., torso, :].norm(dim=-1) * obs.w3d[..., torso]).sum(-1)
+            ref = (world[..., torso, :].norm(dim=-1) * obs.w3d[..., torso]).sum(-1)
+            ratio = torch.where(ref > 1e-6, size.detach() / ref.clamp(min=1e-6), 1.0)
+            d3 = model - ratio[..., None, None] * world
             sq3 = (d3 * d3).sum(-1)
             data = data + cfg.w_world * (obs.w3d * geman_mcclure(sq3, WORLD_SIGMA)).sum(-1)
         return data
@@ -715,7 +884,7 @@ class FitStage(Stage):
     """detect/<id>/people.npz -> fit/<id>/bodies.npz (see stages/__init__.py)."""
 
     name = "fit"
-    version = "1"
+    version = "2"
     requires = ("detect",)
     config_model = FitConfig
     resources = Resources(cpus=1.0, gpus=0.0)
@@ -783,8 +952,9 @@ class FitStage(Stage):
                             tensor(det.world), tensor(det.w3d), det.valid[frames, cols])
 
     def _init_window(self, obs: Observations, phenotype: np.ndarray, camera: np.ndarray,
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-frame orientation (P, T, 3, 3) and translation (P, T, 3) from the torsos."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-frame orientation (P, T, 3, 3) and translation (P, T, 3) from the torsos, and
+        the limbs' pose (P, T, B, 3) from the world landmarks (NaN: no estimate)."""
         dev, dt = self.body.device, self.body.dtype
         rest_kp = self.fitter.rest_keypoints(torch.as_tensor(phenotype, device=dev, dtype=dt))
         kp, w = obs.kp.cpu().double().numpy(), obs.w2d.cpu().double().numpy()
@@ -808,7 +978,25 @@ class FitStage(Stage):
             transl[i, ok] = [x.ray * z - x.offset for x, z in zip(inits, depth, strict=True)]
             rots[i] = fill_rotations(ok, rots[i])
             transl[i] = fill_gaps(ok, transl[i])
-        return rots, transl
+        return rots, transl, self._init_limbs(rest_kp, world, w3, rots, obs.valid)
+
+    def _init_limbs(self, rest_kp: np.ndarray, world: np.ndarray, w3: np.ndarray,
+                    rots: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        p, t = valid.shape
+        pose = np.full((p, t, len(self.fitter.bones), 3), np.nan)
+        if not self.config.init_limbs_from_world:
+            return pose
+        lim = self.fitter.limits
+        names = list(BODY_BONES)
+        limits = {name: (lim.axes[k].cpu().double().numpy(), lim.low[k].cpu().double().numpy(),
+                         lim.high[k].cpu().double().numpy()) for k, name in enumerate(names)}
+        to_camera = self.fitter.km.to_camera.cpu().double().numpy()
+        for i in range(p):
+            limbs = limb_pose_from_world(rest_kp[i], world[i], w3[i] * valid[i][:, None],
+                                         rots[i], to_camera, limits)
+            for bone, rv in limbs.items():
+                pose[i, :, names.index(bone)] = rv
+        return pose
 
     def _window(self, rots: np.ndarray, transl: np.ndarray, pose: np.ndarray,
                 phenotype: np.ndarray) -> Window:
@@ -843,9 +1031,9 @@ class FitStage(Stage):
             obs.w2d[i, torch.as_tensor(dup)] = 0.0
             obs.w3d[i, torch.as_tensor(dup)] = 0.0
         phen = np.full((p, len(PHENOTYPE_LABELS)), 0.5)
-        rots, transl = self._init_window(obs, phen, camera)
-        win = self._window(rots, transl, np.zeros((p, cfg.shape_frames, len(self.fitter.bones),
-                                                   3)), phen)
+        rots, transl, limbs = self._init_window(obs, phen, camera)
+        relaxed = self.fitter.relaxed.cpu().double().numpy()
+        win = self._window(rots, transl, np.where(np.isnan(limbs), relaxed, limbs), phen)
         self.fitter.optimize(win, obs, None, fit_shape=True, temporal=False)
         return win.phenotype.detach().cpu().double().numpy()
 
@@ -858,8 +1046,9 @@ class FitStage(Stage):
         frames = np.broadcast_to(np.arange(start, stop), (len(active), stop - start))
         obs = self._observations(det, frames, active)
         phen = track.phenotype[active]
-        rots, transl = self._init_window(obs, phen, camera)
-        pose = np.zeros((len(active), stop - start, len(self.fitter.bones), 3))
+        rots, transl, limbs = self._init_window(obs, phen, camera)
+        relaxed = self.fitter.relaxed.cpu().double().numpy()
+        pose = np.broadcast_to(relaxed, (len(active), stop - start, *relaxed.shape)).copy()
         sub_anchor = None
         if anchor is not None:
             # Keep the anchor rows of this window's active tracks, in their order.
@@ -869,6 +1058,7 @@ class FitStage(Stage):
             carried = anchor.active[rows].cpu().numpy()
             last = anchor.pose[rows][:, -1].cpu().double().numpy()
             pose[carried] = last[carried][:, None]
+        pose = np.where(np.isnan(limbs), pose, limbs)
         win = self._window(rots, transl, pose, phen)
         self.fitter.optimize(win, obs, sub_anchor, fit_shape=fit_shape, temporal=True)
         with torch.no_grad():

@@ -22,11 +22,13 @@ from pipeline.stage import VideoFailed, VideoJob
 from stages.body import BLAZEPOSE_FOR_COCO23
 from stages.fit import (
     BODY_BONES,
+    LIMB_SEGMENTS,
     FitConfig,
     FitStage,
     camera_for,
     fill_rotations,
     kabsch,
+    limb_pose_from_world,
 )
 
 W, H = 320, 240
@@ -387,3 +389,83 @@ def test_unreadable_detections_fail_the_video(stage: FitStage, tmp_path: Path) -
     (job.inputs["detect"] / "people.npz").write_bytes(b"not an npz")
     with pytest.raises(VideoFailed, match="people.npz"):
         stage.process(job)
+
+
+def _bone_pose(stage: FitStage, rotations: dict[str, np.ndarray]) -> torch.Tensor:
+    """(1, B, 3) pose of the optimized bones from {bone name: axis-angle}."""
+    pose = torch.zeros(1, len(BODY_BONES), 3, dtype=stage.body.dtype)
+    names = list(BODY_BONES)
+    for name, rv in rotations.items():
+        pose[0, names.index(name)] = torch.as_tensor(rv, dtype=stage.body.dtype)
+    return pose
+
+
+def test_joint_limits_allow_anatomy_and_penalize_the_impossible(stage: FitStage) -> None:
+    lim = stage.fitter.limits
+    eye = torch.eye(3, dtype=lim.axes.dtype)
+    # Each bone's axes are orthonormal, so each component is an angle of its own.
+    assert torch.allclose(lim.axes @ lim.axes.transpose(-1, -2), eye.expand_as(lim.axes),
+                          atol=1e-6)
+    hinge = {stage.body.bone_labels[stage.fitter.bones[pos]]: axis.numpy()
+             for pos, axis in stage.fitter.hinges}
+    names = list(BODY_BONES)
+    flex = {n: lim.axes[names.index(n), 0].numpy() for n in names}
+    # Rest, the relaxed stance, a deep squat, an arm raised forward: all allowed.
+    squat = {"upperleg01.L": flex["upperleg01.L"] * 1.9, "lowerleg01.L": hinge["lowerleg01.L"]
+             * 2.0, "upperarm01.R": flex["upperarm01.R"] * 1.5}
+    for ok in ({}, squat):
+        assert float(lim.penalty(_bone_pose(stage, ok))) == 0.0
+    assert float(lim.penalty(stage.fitter.relaxed[None])) == 0.0
+    # The knee hinge axis is the knee's flexion axis: bending it backwards is free,
+    # bending it forwards (hyperextension) and a thigh swung far backwards are not.
+    assert np.allclose(flex["lowerleg01.L"], hinge["lowerleg01.L"], atol=1e-6)
+    knee_fwd = _bone_pose(stage, {"lowerleg01.L": hinge["lowerleg01.L"] * -0.5})
+    assert float(lim.penalty(knee_fwd)) == pytest.approx((0.5 - 0.05) ** 2, rel=1e-4)
+    thigh_back = _bone_pose(stage, {"upperleg01.R": flex["upperleg01.R"] * -1.2})
+    assert float(lim.penalty(thigh_back)) > 0.4
+    twisted_neck = _bone_pose(stage, {"neck01": lim.axes[names.index("neck01"), 2] * 2.0})
+    assert float(lim.penalty(twisted_neck)) > 1.0
+
+
+def test_limbs_initialized_from_world_landmarks(stage: FitStage) -> None:
+    """Limb rotations from 3D landmarks point every arm and leg segment where the
+    landmarks do, for a body turned about the vertical."""
+    from stages.body import axis_angle_to_matrix
+
+    fitter = stage.fitter
+    names = list(BODY_BONES)
+    flex = {n: fitter.limits.axes[names.index(n), 0].numpy() for n in names}
+    hinge = {stage.body.bone_labels[fitter.bones[pos]]: axis.numpy()
+             for pos, axis in fitter.hinges}
+    truth = _bone_pose(stage, {
+        "upperleg01.L": flex["upperleg01.L"] * 1.2, "lowerleg01.L": hinge["lowerleg01.L"] * 1.4,
+        "upperarm01.R": flex["upperarm01.R"] * 1.3, "lowerarm01.R": hinge["lowerarm01.R"] * 0.8,
+        "upperarm01.L": flex["upperarm01.L"] * -0.5})
+    phen = stage.body.default_phenotype(1).to(stage.body.dtype)
+    rest = fitter.km.rest(phen)
+    root = axis_angle_to_matrix(torch.tensor([[[0.0, 0.6, 0.0]]], dtype=stage.body.dtype))
+    with torch.no_grad():
+        world = fitter.km.keypoints(truth[:, None], rest, root,
+                                    torch.zeros(1, 1, 3, dtype=stage.body.dtype))[0]
+    rest_kp = fitter.rest_keypoints(phen)[0]
+    lim = fitter.limits
+    limits = {n: (lim.axes[k].double().numpy(), lim.low[k].double().numpy(),
+                  lim.high[k].double().numpy()) for k, n in enumerate(names)}
+    limbs = limb_pose_from_world(rest_kp, world.double().numpy(), np.ones((1, 23)),
+                                 root[0].double().numpy(),
+                                 fitter.km.to_camera.double().numpy(), limits)
+    est = _bone_pose(stage, {n: rv[0] for n, rv in limbs.items()})
+    with torch.no_grad():
+        got = fitter.km.keypoints(est[:, None], rest, root,
+                                  torch.zeros(1, 1, 3, dtype=stage.body.dtype))[0, 0]
+    for _, _, (a, b) in LIMB_SEGMENTS:
+        want = (world[0, b] - world[0, a]) / (world[0, b] - world[0, a]).norm()
+        have = (got[b] - got[a]) / (got[b] - got[a]).norm()
+        assert float(want @ have) > math.cos(math.radians(8)), (a, b)
+    # Unseen segments get no estimate.
+    blind = np.ones((1, 23))
+    blind[0, 9] = 0.0
+    limbs = limb_pose_from_world(rest_kp, world.double().numpy(), blind,
+                                 root[0].double().numpy(),
+                                 fitter.km.to_camera.double().numpy(), limits)
+    assert np.isnan(limbs["lowerarm01.L"]).all() and np.isfinite(limbs["upperarm01.L"]).all()
