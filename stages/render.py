@@ -8,7 +8,9 @@ independently of it. No two tracks of a video share a look (skin tone, top colou
 pattern, hair, head cover): a colliding draw is redrawn. The avatar takes the fitted pose,
 global orientation and translation with the new phenotype. A different body shape moves
 the hips relative to the root bone, so each frame the avatar is shifted to put its
-mid-hip exactly where the real person's was (same pixel, same depth).
+mid-hip on the real person's (same pixel). A taller or shorter avatar is also moved along
+that pixel's ray, in proportion to its size, so it covers the real person at the same
+image size instead of being drawn larger or smaller.
 
 Every frame is one scene with all present avatars (the depth test handles occlusion
 between them), seen through the fitted camera with an ambient light and a directional
@@ -66,6 +68,21 @@ from stages.rendering import (  # noqa: E402
 )
 
 HIPS = (COCO23.index("left_hip"), COCO23.index("right_hip"))
+# Bones whose summed lengths measure a body's size independently of its pose.
+SIZE_CHAIN = tuple((COCO23.index(a), COCO23.index(b)) for a, b in (
+    ("left_shoulder", "left_hip"), ("right_shoulder", "right_hip"),
+    ("left_hip", "left_knee"), ("right_hip", "right_knee"),
+    ("left_knee", "left_ankle"), ("right_knee", "right_ankle"),
+    ("left_shoulder", "left_elbow"), ("right_shoulder", "right_elbow"),
+    ("left_elbow", "left_wrist"), ("right_elbow", "right_wrist"),
+))
+
+
+def _chain_length(keypoints: torch.Tensor) -> torch.Tensor:
+    """(n, 23, 3) -> (n,) the summed lengths of SIZE_CHAIN's bones."""
+    a = keypoints[:, [i for i, _ in SIZE_CHAIN]]
+    b = keypoints[:, [j for _, j in SIZE_CHAIN]]
+    return (a - b).norm(dim=-1).sum(dim=-1)
 # Bodies per Anny forward call: bounds memory when chunk_frames x tracks is large.
 FORWARD_BATCH = 64
 MAX_DEPTH_MM = 65535
@@ -228,7 +245,7 @@ def depth_to_mm(depth: np.ndarray) -> np.ndarray:
 
 class RenderStage(Stage):
     name = "render"
-    version = "2"
+    version = "3"
     requires = ("detect", "fit")
     config_model = RenderConfig
     resources = Resources(cpus=1.0, gpus=0.0)
@@ -421,25 +438,28 @@ class RenderStage(Stage):
             pose, orient, transl = (self._tensor(x[t[sl], p[sl]])
                                     for x in (bodies.pose, bodies.root_orient, bodies.transl))
             avatar = self.body.forward(pose, self._tensor(new_phen[p[sl]]), orient, transl)
-            real_hip = self._real_hips(bodies, t[sl], p[sl], pose, orient, transl)
+            real = self._real_keypoints(bodies, t[sl], p[sl], pose, orient, transl)
+            real_hip = real[:, HIPS].mean(dim=1)
             new_hip = avatar["keypoints"][:, HIPS].mean(dim=1)
-            shift = real_hip - new_hip
+            # Same pose, so the ratio of limb-chain lengths is the ratio of body sizes.
+            scale = _chain_length(avatar["keypoints"]) / _chain_length(real).clamp(min=1e-6)
+            shift = real_hip * scale[:, None] - new_hip
             out.append((avatar["vertices"] + shift[:, None]).cpu().numpy())
         return np.concatenate(out)
 
-    def _real_hips(self, bodies: Bodies, t: np.ndarray, p: np.ndarray, pose: torch.Tensor,
-                   orient: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
-        """Mid-hips of the fitted bodies: from fit's joints3d, or re-posed where absent."""
-        hips = np.full((len(t), 3), np.nan)
+    def _real_keypoints(self, bodies: Bodies, t: np.ndarray, p: np.ndarray, pose: torch.Tensor,
+                        orient: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:
+        """COCO-23 keypoints of the fitted bodies: fit's joints3d, or re-posed where absent."""
+        kps = np.full((len(t), len(COCO23), 3), np.nan)
         if bodies.joints3d is not None:
-            hips = bodies.joints3d[t, p][:, HIPS].mean(axis=1).astype(np.float64)
-        missing = ~np.isfinite(hips).all(axis=1)
-        result = self._tensor(np.nan_to_num(hips))
+            kps = bodies.joints3d[t, p].astype(np.float64)
+        missing = ~np.isfinite(kps).all(axis=(1, 2))
+        result = self._tensor(np.nan_to_num(kps))
         if missing.any():
             m = torch.as_tensor(missing, device=pose.device)
             real = self.body.forward(pose[m], self._tensor(bodies.phenotype[p[missing]]),
                                      orient[m], transl[m])
-            result[m] = real["keypoints"][:, HIPS].mean(dim=1)
+            result[m] = real["keypoints"]
         return result
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:

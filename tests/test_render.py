@@ -200,18 +200,26 @@ def test_clothes_and_skin_colours_show_up(stage, tmp_path):
         assert near.mean() > 0.04, part
 
 
-def test_a_different_real_shape_keeps_the_mid_hip_in_place(stage, tmp_path):
+@pytest.mark.parametrize("height", [0.0, 1.0])
+def test_avatar_covers_the_real_person_at_its_image_size(stage, tmp_path, height):
     real = np.full((1, 6), 0.5, np.float32)
-    real[0, 4] = 1.0  # a very tall real person; the avatar is drawn independently
+    real[0, 4] = height  # a very short or very tall real person; the avatar is drawn anew
     joints = _write_fit(stage, tmp_path / "fit", [0.0], real, np.ones((T, 1), bool), [3])
     job = _job(tmp_path, "out")
     stage.process(job)
     rgba, depth = _read(job.out_dir)
-    hips = _project(joints[:, 0, [COCO23.index("left_hip"), COCO23.index("right_hip")]])
+    kps = _project(joints[:, 0])
+    hips = kps[:, [COCO23.index("left_hip"), COCO23.index("right_hip")]]
+    ankles = kps[:, [COCO23.index("left_ankle"), COCO23.index("right_ankle")]]
     for t in range(T):
         u, v = np.rint(hips[t].mean(axis=0)).astype(int)
-        assert rgba[t, v, u, 3] == 255
-        assert 2800 < int(depth[t, v, u]) < 3000
+        assert rgba[t, v, u, 3] == 255  # the mid-hip stays on the real one's pixel
+        assert depth[t, v, u] > 0
+        rows = np.flatnonzero((rgba[t, ..., 3] > 0).any(axis=1))
+        # Nose to ankles is ~85 % of a standing body's height in the image: the avatar,
+        # whatever its own height, is drawn at the real person's size.
+        real_px = ankles[t, :, 1].mean() - kps[t, COCO23.index("nose"), 1]
+        assert 1.0 < (rows[-1] - rows[0] + 1) / real_px < 1.35
 
 
 def test_identities_are_seeded_and_differ_between_tracks(stage, tmp_path):
