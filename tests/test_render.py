@@ -299,14 +299,20 @@ def test_frame_count_mismatch_fails_the_video(stage, tmp_path):
 def test_missing_joints3d_falls_back_to_posing_the_real_body(stage, tmp_path):
     joints = _write_fit(stage, tmp_path / "fit", [0.0], np.full((1, 6), 0.5, np.float32),
                         np.ones((T, 1), bool), [0])
+    with_joints = _job(tmp_path, "with")
+    stage.process(with_joints)
     with np.load(tmp_path / "fit/bodies.npz") as z:
         data = {k: z[k] for k in z.files if k != "joints3d"}
     np.savez(tmp_path / "fit/bodies.npz", **data)
     job = _job(tmp_path, "out")
     stage.process(job)
     rgba, depth = _read(job.out_dir)
+    expected, expected_depth = _read(with_joints.out_dir)
     u, v = np.rint(_project(joints[0, 0, [11, 12]]).mean(axis=0)).astype(int)
-    assert rgba[0, v, u, 3] == 255 and 2800 < int(depth[0, v, u]) < 3000
+    assert rgba[0, v, u, 3] == 255
+    # Re-posing the real body gives the keypoints fit would have stored: the same frames.
+    assert np.abs(rgba.astype(int) - expected.astype(int)).mean() < 0.5
+    assert np.abs(depth.astype(int) - expected_depth.astype(int)).max() <= 2
 
 
 def test_config_rejects_bad_values():
@@ -590,17 +596,19 @@ def test_nearer_avatar_hides_the_farther_one_and_instances_say_who(stage, tmp_pa
     for t in range(T):
         u, v = np.rint(_project(chest[t])).astype(int)
         if present[t, 1]:
-            assert inst[t, v, u] == 2 and 2800 < int(depth[t, v, u]) < 3100, t
+            # Depths scale with each avatar's size relative to the real person (render
+            # keeps the image size), so they are near, not at, 3 m and 4 m.
+            assert inst[t, v, u] == 2 and 2400 < int(depth[t, v, u]) < 3500, t
         else:
-            assert inst[t, v, u] == 1 and 3800 < int(depth[t, v, u]) < 4100, t
+            assert inst[t, v, u] == 1 and 3500 < int(depth[t, v, u]) < 4700, t
         both = (inst[t] > 0) & (rgba[t, ..., 3] == 255)
         # Instances cover what was drawn (up to antialiased edges), nothing else.
         assert ((inst[t] > 0) == (rgba[t, ..., 3] > 0)).mean() > 0.99
         near = depth[t][inst[t] == 2].astype(int)
         far = depth[t][inst[t] == 1].astype(int)
-        assert both.any() and far.min() > 3500
+        assert both.any() and far.min() > 3300
         if present[t, 1]:
-            assert near.max() < 3300
+            assert near.max() < far.min()
     # Both people are seen in a frame where they overlap.
     assert (inst[0] == 1).sum() > 50 and (inst[0] == 2).sum() > 50
 
