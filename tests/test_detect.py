@@ -13,10 +13,20 @@ from pipeline.config import RunSection
 from pipeline.dataset import VideoItem
 from pipeline.stage import VideoFailed, VideoJob
 from pipeline.video import VideoWriter, count_frames, iter_frames
-from stages.detect import DetectConfig, DetectStage, Tracker
+from stages.detect import (
+    HIST_BINS,
+    DetectConfig,
+    DetectStage,
+    Tracker,
+    _Rejections,
+    appearance,
+    appearance_distance,
+)
+from stages.pose_backends import PersonPose
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
 ASL_HELP = DATA / "videos/intel__asl_help.mkv"
+ASL_WALK = DATA / "videos/intel__asl_walk.mkv"
 WALKERS = DATA / "videos/intel__preview_face-demographics-walking.gif"
 
 
@@ -70,6 +80,122 @@ def test_tracker_gap_rules():
     assert tr.assign(20, [_box(300, 0)]) == [1]
     # Long gap, same place as track 0's last box: the same person came back.
     assert tr.assign(40, [_box(62, 2)]) == [0]
+
+
+def _desc(upper: int, lower: int, spread: float = 0.0) -> np.ndarray:
+    """A descriptor whose halves sit (mostly) in one histogram bin each."""
+    n = int(np.prod(HIST_BINS))
+    d = np.full((2, n), spread / n, dtype=np.float32)
+    d[0, upper] += 1.0
+    d[1, lower] += 1.0
+    return d / d.sum(axis=1, keepdims=True)
+
+
+RED, BLUE = _desc(3, 40), _desc(90, 100)
+
+
+def test_tracker_keeps_ids_when_two_people_cross():
+    # A walks right, B walks left at the same height; they meet at t=10 and B is hidden
+    # behind A for three frames. Position alone cannot tell them apart at the crossing.
+    tr = Tracker(max_gap_frames=5)
+    for t in range(21):
+        xa, xb = 100 + 10 * t, 300 - 10 * t
+        boxes, descs = [_box(xa, 50)], [RED]
+        if not 9 <= t <= 11:
+            boxes.append(_box(xb, 52))
+            descs.append(BLUE)
+        ids = tr.assign(t, boxes, descs)
+        assert ids == [0, 1][: len(boxes)], t
+    assert len(tr.tracks) == 2
+
+
+def test_tracker_appearance_beats_position_at_a_swap():
+    # Right after crossing, the boxes are where the other person's track predicts less
+    # well than appearance says: appearance keeps the ids.
+    tr = Tracker(max_gap_frames=5)
+    tr.assign(0, [_box(100, 50), _box(140, 50)], [RED, BLUE])
+    assert tr.assign(1, [_box(118, 50), _box(124, 50)], [BLUE, RED]) == [1, 0]
+
+
+def test_tracker_reentry_keeps_the_id_only_for_the_same_appearance():
+    tr = Tracker(max_gap_frames=5)
+    for t in range(10):
+        assert tr.assign(t, [_box(10 + 5 * t, 20)], [RED]) == [0]
+    # A different person appears where the first one left: a new id, despite the place.
+    assert tr.assign(40, [_box(57, 20)], [BLUE]) == [1]
+    # The first person comes back elsewhere, long after, looking (almost) the same: their
+    # id again.
+    assert tr.assign(80, [_box(400, 30)], [_desc(3, 40, spread=0.02)]) == [0]
+    # And a third, unseen appearance gets a third id.
+    assert tr.assign(90, [_box(600, 30)], [_desc(120, 7)]) == [2]
+
+
+def test_appearance_descriptor():
+    h, w = 120, 60
+    frame = np.zeros((h, w, 3), np.uint8)
+    frame[: h // 2] = (200, 30, 30)  # red shirt
+    frame[h // 2 :] = (30, 30, 200)  # blue trousers
+    region = np.ones((h, w), bool)
+    box = np.array([0, 0, w, h], np.float32)
+    a = appearance(frame, region, box)
+    assert a.shape == (2, int(np.prod(HIST_BINS))) and np.allclose(a.sum(axis=1), 1)
+    noisy = np.clip(frame + np.random.default_rng(0).integers(-8, 8, frame.shape), 0, 255)
+    assert appearance_distance(a, appearance(noisy.astype(np.uint8), region, box)) < 0.25
+    swapped = frame[::-1].copy()  # blue shirt, red trousers: other person
+    assert appearance_distance(a, appearance(swapped, region, box)) > 0.6
+    assert appearance(frame, np.zeros((h, w), bool), box) is None  # no person pixels
+
+
+def test_onnx_backend_needs_a_model(tmp_path):
+    with pytest.raises(ValidationError, match="onnx_model"):
+        DetectConfig(backend="onnx")
+    st = DetectStage(DetectConfig(backend="onnx", onnx_model=tmp_path / "no.onnx"), RunSection())
+    with pytest.raises(ValueError, match="no.onnx"):
+        st.setup()
+
+
+class _MasklessBackend:
+    """A back-end like the ONNX one: landmarks only, no mask, no world landmarks."""
+
+    def __init__(self, people: list[PersonPose]):
+        self.people = people
+
+    def reset(self) -> None: ...
+
+    def detect(self, frame_rgb: np.ndarray) -> list[PersonPose]:
+        return self.people
+
+    def close(self) -> None: ...
+
+
+def _standing_pose(x: float, height: float, score: float = 0.9) -> PersonPose:
+    kp = np.zeros((33, 3), np.float32)
+    ys = np.linspace(10, 10 + height, 33)
+    kp[:, 0] = x + 10 * np.sin(np.arange(33))  # a thin, body-like cloud of landmarks
+    kp[:, 1] = ys
+    kp[:, 2] = 1.0
+    return PersonPose(kp, None, None, score)
+
+
+def test_backend_without_masks_or_world(tmp_path):
+    st = DetectStage(DetectConfig(), RunSection())
+    tall, small, unsure = _standing_pose(50, 100), _standing_pose(150, 20), _standing_pose(
+        120, 100, score=0.2
+    )
+    st._backend = _MasklessBackend([tall, small, unsure])
+    rejected = _Rejections()
+    frame = np.full((160, 200, 3), 90, np.uint8)
+    dets, union = st.detect_frame(frame, rejected)
+    assert len(dets) == 1 and rejected.height == 1 and rejected.visibility == 1
+    (det,) = dets
+    assert np.isnan(det.world).all() and det.descriptor is not None
+    x0, y0, x1, y1 = det.box
+    # The box and the mask come from the landmarks' hull, grown a little.
+    assert x0 < 40 and x1 > 60 and y0 < 10 and 110 < y1 < 125
+    assert union.dtype == np.float32 and union[60, 50] == 1.0 and union[60, 150] == 0.0
+    assert union[y0.astype(int) : y1.astype(int), x0.astype(int) : x1.astype(int)].sum() == (
+        union.sum()
+    )
 
 
 def test_config_rejects_bad_values():
@@ -151,15 +277,10 @@ def test_small_people_are_rejected(tmp_path):
 
 
 @pytest.mark.real
-def test_max_people_finds_a_second_walker(tmp_path):
+def test_finds_both_walkers(stage, tmp_path):
     path = _real_video(WALKERS)  # two people walking side by side, an animated GIF
-    st = DetectStage(DetectConfig(max_people=2), RunSection())
-    st.setup()
-    try:
-        job, _ = _job(path, tmp_path / "out", chunk=64)
-        summary = st.process(job)
-    finally:
-        st.teardown()
+    job, _ = _job(path, tmp_path / "out", chunk=64)
+    summary = stage.process(job)
     z = np.load(job.out_dir / "people.npz")
     T = summary["video"]["frame_count"]
     assert T == count_frames(path)
@@ -172,6 +293,30 @@ def test_max_people_finds_a_second_walker(tmp_path):
     iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     area = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     assert (ix * iy < 0.3 * area).all()
+
+
+@pytest.mark.real
+def test_two_people_side_by_side_keep_their_tracks(stage, tmp_path):
+    # Two signers composited side by side (each real video at half size): two people in
+    # every frame, who must keep two separate, stable ids.
+    left, right = _real_video(ASL_HELP), _real_video(ASL_WALK)
+    src = tmp_path / "pair.mkv"
+    frames = 30
+    with VideoWriter(src, Fraction(30), 640, 240, kind="rgb") as writer:
+        for _, a, b in zip(range(frames), iter_frames(left), iter_frames(right), strict=False):
+            half = [a[::2, ::2], b[::2, ::2]]
+            writer.write(np.ascontiguousarray(np.hstack(half)))
+    job, _ = _job(src, tmp_path / "out")
+    summary = stage.process(job)
+    z = np.load(job.out_dir / "people.npz")
+    assert summary["tracks"] == 2
+    assert (z["present"].sum(axis=0) >= 0.9 * frames).all()
+    centres = (z["boxes"][..., 0] + z["boxes"][..., 2]) / 2
+    sides = [np.nanmax(centres[:, k]) < 320 for k in range(2)]
+    # One track always on the left, the other always on the right: the ids never swap.
+    assert sorted(sides) == [False, True]
+    other = int(sides[0])  # index of the right-hand track
+    assert (np.nanmin(centres[:, other]) >= 320)
 
 
 # -- synthetic and broken inputs -------------------------------------------------------------
