@@ -57,6 +57,24 @@ def axis_angle_to_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     return eye + s * k + (1 - c) * (k @ k)
 
 
+def place_in_camera(
+    points: tuple[torch.Tensor, ...],  # each (B, N, 3) in the model's frame
+    root: torch.Tensor,  # (B, 3) the model-frame point that `transl` places
+    to_camera: torch.Tensor,  # (3, 3) model frame -> upright camera frame
+    root_orient: torch.Tensor | None,  # (B, 3) axis-angle in the camera frame
+    transl: torch.Tensor | None,  # (B, 3) camera coordinates of the root
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Rotate the points rigidly about the root and put the root at `transl`."""
+    b, dtype, device = root.shape[0], root.dtype, root.device
+    glob = to_camera.to(device, dtype).expand(b, 3, 3)
+    if root_orient is not None:
+        glob = axis_angle_to_matrix(root_orient.to(device, dtype)) @ glob
+    t = torch.zeros(b, 3, device=device, dtype=dtype) if transl is None else \
+        transl.to(device, dtype)
+    placed = tuple((x - root[:, None]) @ glob.transpose(1, 2) + t[:, None] for x in points)
+    return placed, t
+
+
 class AnnyBody:
     """A loaded Anny model with a batched, differentiable forward in camera coordinates."""
 
@@ -102,16 +120,8 @@ class AnnyBody:
         verts = out["vertices"]
         kps = self.keypoints(out)
         root = out["bone_poses"][:, 0, :3, 3]
-        glob = self._to_cam.expand(b, 3, 3)
-        if root_orient is not None:
-            glob = axis_angle_to_matrix(root_orient.to(self.device, self.dtype)) @ glob
-        t = torch.zeros(b, 3, device=self.device, dtype=self.dtype) if transl is None else \
-            transl.to(self.device, self.dtype)
-
-        def place(x: torch.Tensor) -> torch.Tensor:
-            return (x - root[:, None]) @ glob.transpose(1, 2) + t[:, None]
-
-        return {"vertices": place(verts), "keypoints": place(kps), "root": t}
+        (verts, kps), t = place_in_camera((verts, kps), root, self._to_cam, root_orient, transl)
+        return {"vertices": verts, "keypoints": kps, "root": t}
 
     __call__ = forward
 

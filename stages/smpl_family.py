@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stages.body import axis_angle_to_matrix
+from stages.body import place_in_camera
 
 ModelType = Literal["smpl", "smplh", "smplx"]
 
@@ -227,20 +227,10 @@ class SmplFamilyBody:
         transl: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         pose = pose.to(self.device, self.dtype)
-        b = pose.shape[0]
         out = self.model(betas=shape.to(self.device, self.dtype), **self._pose_kwargs(pose),
                          return_verts=True)
-        root = out.joints[:, 0]
-        glob = self._to_cam.expand(b, 3, 3)
-        if root_orient is not None:
-            glob = axis_angle_to_matrix(root_orient.to(self.device, self.dtype)) @ glob
-        t = torch.zeros(b, 3, device=self.device, dtype=self.dtype) if transl is None else \
-            transl.to(self.device, self.dtype)
-
-        def place(x: torch.Tensor) -> torch.Tensor:
-            return (x - root[:, None]) @ glob.transpose(1, 2) + t[:, None]
-
-        return {"vertices": place(out.vertices), "keypoints": place(out.joints[:, self._coco]),
-                "root": t}
+        (verts, kps), t = place_in_camera((out.vertices, out.joints[:, self._coco]),
+                                          out.joints[:, 0], self._to_cam, root_orient, transl)
+        return {"vertices": verts, "keypoints": kps, "root": t}
 
     __call__ = forward
