@@ -39,9 +39,9 @@ def _environment_defaults() -> None:
 
 
 def _stage_models() -> dict:
-    from stages import stage_classes
+    from stages import section_models
 
-    return {cls.name: cls.config_model for cls in stage_classes()}
+    return section_models()
 
 
 def _load(args: argparse.Namespace) -> Config:

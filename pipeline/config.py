@@ -97,8 +97,8 @@ def load_config(
 ) -> Config:
     """Read YAML (or defaults when `path` is None), apply `--set` overrides, validate.
 
-    Relative paths in the `run` section are resolved against the config file's folder, so
-    a config runs the same from any working directory.
+    Relative paths (in `run` and in any section) are resolved against the config file's
+    folder, so a config runs the same from any working directory.
     """
     data: dict[str, Any] = {}
     base = Path.cwd()
@@ -144,7 +144,17 @@ def load_config(
             sections[name] = model.model_validate(data.get(name) or {})
         except ValidationError as exc:
             raise ConfigError(_format_validation_error(name, exc)) from None
+        _resolve_paths(sections[name], base)
     return Config(run, sections, path)
+
+
+def _resolve_paths(section: Section, base: Path) -> None:
+    """Relative file settings (model folders, palettes) are relative to the config file,
+    like the `run` paths."""
+    for key in type(section).model_fields:
+        value = getattr(section, key)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(section, key, (base / value).resolve())
 
 
 def fingerprint_of(section: BaseModel) -> str:

@@ -98,11 +98,20 @@ class Runner:
             "run": {k: str(getattr(run, k)) for k in cls.fingerprint_run_keys},
             "upstream": {d: self.expected_fingerprint(d, video) for d in cls.requires},
         }
+        if cls.shared_sections:
+            parts["shared"] = {s: fingerprint_of(self.config.section(s))
+                               for s in cls.shared_sections}
         if not cls.requires:
             parts["source"] = source_identity(video)
         fp = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
         self._fp_cache[key] = fp
         return fp
+
+    def instance(self, name: str) -> Stage:
+        """A stage object with its own config section and the shared sections it reads."""
+        cls = self.classes[name]
+        shared = {s: self.config.section(s) for s in cls.shared_sections}
+        return cls(self.config.section(name), self.config.run, shared)
 
     def closure(self, selected: Sequence[str] | None) -> list[str]:
         """The selected stages and everything upstream of them, in graph order."""
@@ -149,8 +158,7 @@ class Runner:
         report = RunReport(list(outcomes.values()), stages)
         show = self.config.run.progress
         for name in stages:
-            cls = self.classes[name]
-            instance = cls(self.config.section(name), self.config.run)
+            instance = self.instance(name)
             started = time.perf_counter()
             set_up = False
             bar = tqdm(videos, desc=f"{name:>9}", unit="video", disable=not show, leave=True)
@@ -236,7 +244,7 @@ class Runner:
         table: dict[str, dict[str, int]] = {}
         for name in self.order:
             counts = {"done": 0, "stale": 0, "failed": 0, "missing": 0}
-            instance = self.classes[name](self.config.section(name), self.config.run)
+            instance = self.instance(name)
             for video in videos:
                 counts[self.entry_state(name, video, instance)] += 1
             table[name] = counts

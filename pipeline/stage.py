@@ -51,10 +51,15 @@ class Stage:
     writes_outside_workdir: ClassVar[bool] = False
     # `run` settings that change this stage's results (e.g. export depends on run.output).
     fingerprint_run_keys: ClassVar[tuple[str, ...]] = ()
+    # Config sections shared by several stages (e.g. `body`, read by fit and render): they
+    # enter this stage's fingerprint and arrive in `self.shared`.
+    shared_sections: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: Section, run: RunSection):
+    def __init__(self, config: Section, run: RunSection,
+                 shared: dict[str, Section] | None = None):
         self.config = config
         self.run = run
+        self.shared: dict[str, Section] = dict(shared or {})
 
     def setup(self) -> None:
         """Load models; called once before the first video."""

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from pipeline.config import Section
 from pipeline.stage import Stage
 
 # Graph order: each stage comes after the stages it reads.
@@ -68,5 +69,19 @@ STAGE_MODULES = (
 )
 
 
+# Config sections read by several stages (Stage.shared_sections), not owned by one.
+SHARED_SECTIONS = (
+    ("body", "stages.body_config", "BodySection"),
+)
+
+
 def stage_classes() -> list[type[Stage]]:
     return [getattr(import_module(mod), cls) for _, mod, cls in STAGE_MODULES]
+
+
+def section_models() -> dict[str, type[Section]]:
+    """Every config section but `run`: the shared ones, then one per stage."""
+    out: dict[str, type[Section]] = {
+        name: getattr(import_module(mod), cls) for name, mod, cls in SHARED_SECTIONS}
+    out.update({cls.name: cls.config_model for cls in stage_classes()})
+    return out

@@ -78,6 +78,8 @@ def place_in_camera(
 class AnnyBody:
     """A loaded Anny model with a batched, differentiable forward in camera coordinates."""
 
+    kind = "anny"
+
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         import anny  # deferred: importing anny initializes warp (slow, noisy)
 
@@ -94,6 +96,14 @@ class AnnyBody:
 
     def bone_index(self, label: str) -> int:
         return self.bone_labels.index(label)
+
+    @property
+    def shape_labels(self) -> tuple[str, ...]:
+        """Names of the shape vector's entries (the phenotype for Anny)."""
+        return self.phenotype_labels
+
+    def default_shape(self, batch: int = 1) -> torch.Tensor:
+        return self.default_phenotype(batch)
 
     def default_phenotype(self, batch: int = 1) -> torch.Tensor:
         return torch.full((batch, len(self.phenotype_labels)), 0.5, device=self.device,

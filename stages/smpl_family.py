@@ -162,6 +162,7 @@ class SmplFamilyBody:
         from smplx.utils import Struct
 
         self.model_type = model_type
+        self.kind = model_type
         self.device = torch.device(device)
         self.dtype = dtype
         file = find_model_file(model_path, model_type, gender)
@@ -195,6 +196,10 @@ class SmplFamilyBody:
                              if np.asarray(v).dtype != object})
             return cls(str(npz), ext="npz", use_pca=False, use_face_contour=False,
                        num_expression_coeffs=10, **kwargs)
+
+    @property
+    def shape_labels(self) -> tuple[str, ...]:
+        return tuple(f"beta{i}" for i in range(self.num_betas))
 
     def default_shape(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.num_betas, device=self.device, dtype=self.dtype)

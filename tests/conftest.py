@@ -22,3 +22,12 @@ def real_videos() -> Path:
     if not REAL_VIDEOS.is_dir():
         pytest.skip(f"real videos not present at {REAL_VIDEOS} (only on the project's machines)")
     return REAL_VIDEOS
+
+
+@pytest.fixture(scope="session")
+def smpl_model_dir(tmp_path_factory) -> Path:
+    """A folder in smplx's layout with synthetic SMPL, SMPL-H and SMPL-X models
+    (tests/smpl_synthetic.py): the real files are licensed and never ship."""
+    from smpl_synthetic import write_model_folder
+
+    return write_model_folder(tmp_path_factory.mktemp("body_models"))

@@ -10,116 +10,24 @@ from __future__ import annotations
 
 import pickle
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse
 import torch
+from smpl_synthetic import VERTS
 
 from stages.smpl_family import (
-    NUM_JOINTS,
     SmplFamilyBody,
     convert_model_file,
     find_model_file,
     load_model_file,
 )
 
-VERTS = {"smpl": 6890, "smplh": 6890, "smplx": 10475}
-
-
-def _parents(model_type: str) -> np.ndarray:
-    body = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19]
-    if model_type == "smpl":
-        return np.array(body + [20, 21])
-    hands = []
-    first = 22 if model_type == "smplh" else 25
-    for wrist, start in ((20, first), (21, first + 15)):
-        for finger in range(5):
-            base = start + 3 * finger
-            hands += [wrist, base, base + 1]
-    if model_type == "smplx":
-        return np.array(body + [15, 15, 15] + hands)  # jaw, eyes hang off the head
-    return np.array(body + hands)
-
-
-def _joint_positions(n: int, rng: np.random.Generator) -> np.ndarray:
-    j = rng.normal(0, 0.15, size=(n, 3))
-    j[0] = 0
-    j[[1, 2], 0] = [0.1, -0.1]  # hips left (+x) and right
-    j[[16, 17], 0], j[[16, 17], 1] = [0.2, -0.2], 0.45  # shoulders
-    j[[18, 19], 0], j[[18, 19], 1] = [0.45, -0.45], 0.45  # elbows
-    j[[20, 21], 0], j[[20, 21], 1] = [0.7, -0.7], 0.45  # wrists
-    j[[4, 5], 0], j[[4, 5], 1] = [0.1, -0.1], -0.45  # knees
-    j[[7, 8], 0], j[[7, 8], 1] = [0.1, -0.1], -0.85  # ankles
-    j[15] = [0, 0.65, 0]  # head
-    return j
-
-
-def synthetic_model(model_type: str, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    v, nj = VERTS[model_type], NUM_JOINTS[model_type]
-    joints = _joint_positions(nj, rng)
-    # Vertices scattered around the joints; each vertex skinned to its joint.
-    owner = rng.integers(0, nj, size=v)
-    template = joints[owner] + rng.normal(0, 0.03, size=(v, 3))
-    weights = np.zeros((v, nj))
-    weights[np.arange(v), owner] = 1.0
-    regressor = np.zeros((nj, v))
-    for j in range(nj):
-        members = np.flatnonzero(owner == j)[:20]
-        regressor[j, members] = 1.0 / len(members)
-    n_shape = 20 if model_type == "smplx" else 10
-    model = {
-        "v_template": template,
-        "f": rng.integers(0, v, size=(2 * v, 3)).astype(np.uint32),
-        "shapedirs": rng.normal(0, 0.01, size=(v, 3, n_shape)),
-        "posedirs": rng.normal(0, 0.001, size=(v, 3, 9 * (nj - 1))),
-        "J_regressor": scipy.sparse.csc_matrix(regressor),
-        "weights": weights,
-        "kintree_table": np.stack([_parents(model_type).astype(np.int64) % 2**32,
-                                   np.arange(nj)]).astype(np.int64),
-    }
-    if model_type != "smpl":
-        for side in "lr":
-            model[f"hands_components{side}"] = np.eye(45)
-            model[f"hands_mean{side}"] = np.zeros(45)
-    if model_type == "smplx":
-        model["lmk_faces_idx"] = rng.integers(0, 2 * v, size=51)
-        model["lmk_bary_coords"] = np.full((51, 3), 1 / 3)
-    return model
-
-
-class _FakeCh:
-    """Pickles like chumpy.Ch: a class from the chumpy package whose state holds 'x'."""
-
-    def __init__(self, x: np.ndarray):
-        self.x = x
-
-
-def write_chumpy_pkl(model: dict, path: Path) -> None:
-    module = types.ModuleType("chumpy.ch")
-    _FakeCh.__module__ = "chumpy.ch"
-    _FakeCh.__qualname__ = "Ch"
-    module.Ch = _FakeCh
-    sys.modules["chumpy"] = types.ModuleType("chumpy")
-    sys.modules["chumpy.ch"] = module
-    try:
-        wrapped = {k: _FakeCh(v) if k in ("shapedirs", "posedirs") else v
-                   for k, v in model.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(wrapped, protocol=2))
-    finally:
-        del sys.modules["chumpy"], sys.modules["chumpy.ch"]
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    for kind in ("smpl", "smplh", "smplx"):
-        write_chumpy_pkl(synthetic_model(kind), root / kind / f"{kind.upper()}_NEUTRAL.pkl")
-    return root
+def model_dir(smpl_model_dir) -> Path:
+    return smpl_model_dir
 
 
 def test_safe_loader_unwraps_chumpy_and_sparse(model_dir):
