@@ -69,3 +69,17 @@ def test_section_must_be_mapping(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml", MODELS)
+
+
+def test_shared_body_section_checks_model_path(tmp_path):
+    from stages import section_models
+
+    models = section_models()
+    with pytest.raises(ConfigError, match=r"body.model_path"):
+        load_config(write(tmp_path, "body:\n  model: smplx\n"), models)
+    with pytest.raises(ConfigError, match=r"body.model: .*smpl"):
+        load_config(write(tmp_path, "body:\n  model: smpl-x\n"), models)
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    cfg = load_config(write(sub, "body:\n  model: smpl\n  model_path: ../models\n"), models)
+    assert cfg.section("body").model_path == (tmp_path / "models").resolve()

@@ -181,3 +181,46 @@ def test_crash_mid_write_leaves_no_finished_entry(setup):
     make_runner().run(videos)  # the next run cleans up and completes
     assert not (make_runner().store.tmp_root).exists() or not any(
         make_runner().store.tmp_root.iterdir())
+
+
+class UnitsConfig(Section):
+    factor: float = 1.0
+
+
+class Scaled(Stage):
+    """Reads a shared section (`units`) besides its own, like fit and render read `body`."""
+
+    name = "scaled"
+    requires = ("means",)
+    config_model = TotalConfig
+    shared_sections = ("units",)
+    calls: list[str] = []
+
+    def process(self, job: VideoJob) -> dict:
+        Scaled.calls.append(job.video.id)
+        values = np.load(job.inputs["means"] / "means.npy")
+        return {"total": float(values.sum()) * self.shared["units"].factor}
+
+
+def test_shared_section_enters_the_fingerprint_of_its_readers_only(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_videos(src)
+    (src / "broken.mp4").unlink()
+
+    def runner(*overrides: str) -> Runner:
+        models = {"units": UnitsConfig, "means": MeanConfig, "scaled": TotalConfig}
+        cfg = load_config(None, models, [
+            f"run.input={src}", f"run.workdir={tmp_path / 'work'}",
+            f"run.output={tmp_path / 'out'}", "run.progress=false", *overrides])
+        return Runner(cfg, [FrameMeans, Scaled])
+
+    videos = discover(src)
+    runner().run(videos)
+    FrameMeans.calls, Scaled.calls = [], []
+    changed = runner("units.factor=3")
+    assert changed.status(videos)["scaled"]["stale"] == 2
+    assert changed.status(videos)["means"]["done"] == 2
+    changed.run(videos)
+    assert FrameMeans.calls == [] and sorted(Scaled.calls) == ["a", "b"]
+    assert changed.store.get("scaled", "a").summary["total"] == pytest.approx(3 * 6 * 50)
