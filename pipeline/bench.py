@@ -1,11 +1,10 @@
-"""`make bench`: per-stage seconds per frame, and the residual person fraction.
+"""`make bench`: per-stage seconds per frame, and what is left of the real people.
 
 Runs the whole pipeline on the generated sample and on real videos from ../shared/data
-(where present), then reads each stage's timing from its artifacts. The residual person
-fraction is measured with an independent segmenter (mediapipe selfie segmentation, not
-the BlazePose mask the pipeline used): the share of frame pixels it still calls "person"
-in the anonymized output outside the avatar mask (dilated a few pixels, since the avatar
-itself is a person). Results: bench/results/pipeline.json and pipeline.md.
+(where present), then reads each stage's timing from its artifacts. What is left of the
+real people is measured by pipeline/residual.py (segmenter pixels, people and faces found
+outside the avatars, next to the same on the source). Results:
+bench/results/pipeline.json and pipeline.md.
 """
 
 from __future__ import annotations
@@ -23,24 +22,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "videos"
 DEFAULT_REAL = ("intel__asl_help.mkv", "mmaction2__demo.mp4")
-
-
-def residual_person_fraction(output_video: Path, avatar_rgba: Path, dilate_px: int = 5) -> float:
-    """Mean over frames of (person pixels outside the dilated avatar) / frame pixels."""
-    import cv2
-    import mediapipe as mp
-
-    from pipeline.video import iter_frames
-
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1,) * 2)
-    fractions = []
-    with mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=0) as seg:
-        for frame, avatar in zip(iter_frames(output_video), iter_frames(avatar_rgba, "rgba"),
-                                 strict=False):
-            person = seg.process(frame).segmentation_mask > 0.5
-            covered = cv2.dilate((avatar[..., 3] > 0).astype(np.uint8), kernel) > 0
-            fractions.append(float((person & ~covered).mean()))
-    return float(np.mean(fractions)) if fractions else float("nan")
 
 
 def stage_timings(workdir: Path, stages: list[str], video_ids: list[str]) -> dict:
@@ -62,6 +43,7 @@ def bench_dataset(name: str, input_dir: Path, root: Path, overrides: list[str]) 
     from pipeline.cli import _stage_models
     from pipeline.config import load_config
     from pipeline.dataset import discover
+    from pipeline.residual import residual_report
     from pipeline.runner import Runner
     from pipeline.video import count_frames, probe
     from stages import stage_classes
@@ -84,8 +66,8 @@ def bench_dataset(name: str, input_dir: Path, root: Path, overrides: list[str]) 
             info = probe(o.video.path)
             row.update(width=info.width, height=info.height, fps=round(float(info.fps), 3),
                        frames=count_frames(o.video.path))
-            row["residual_person_fraction"] = round(residual_person_fraction(
-                out / f"{o.video.id}.mp4", work / "render" / o.video.id / "avatar.mkv"), 5)
+            row.update(residual_report(o.video.path, out / f"{o.video.id}.mp4",
+                                       work / "render" / o.video.id / "avatar.mkv"))
         per_video.append(row)
     ok_ids = [o.video.id for o in report.outcomes if o.status == "ok"]
     timings = stage_timings(work, report.stages, ok_ids)
@@ -112,12 +94,22 @@ def to_markdown(results: list[dict], env: dict) -> str:
                   "| stage | s/frame | frames | seconds |", "|---|---|---|---|"]
         for stage, t in r["stages"].items():
             lines.append(f"| {stage} | {t['s_per_frame']} | {t['frames']} | {t['seconds']} |")
-        lines += ["", "| video | size | fps | frames | status | residual person fraction |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Residual: outside the avatars in the output (source: the whole input "
+                  "frame, for scale). Person fraction: selfie segmenter pixels; people: "
+                  "BlazePose detections, faces: full-range face detections, per sampled "
+                  "frame (every 5th).", "",
+                  "| video | size | fps | frames | status | person fraction residual / source "
+                  "| people residual / source | faces residual / source |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def pair(v: dict, key: str) -> str:
+            return f"{v.get('residual_' + key)} / {v.get('source_' + key)}"
+
         for v in r["videos"]:
             size = f"{v.get('width')}x{v.get('height')}"
             lines.append(f"| {v['video']} | {size} | {v.get('fps')} | {v.get('frames')} | "
-                         f"{v['status']} | {v.get('residual_person_fraction')} |")
+                         f"{v['status']} | {pair(v, 'person_fraction')} | {pair(v, 'people')} "
+                         f"| {pair(v, 'faces')} |")
         lines.append("")
     return "\n".join(lines)
 
