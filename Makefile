@@ -47,7 +47,7 @@ demo: setup $(SAMPLE_DIR)/manifest.csv
 	$(BIN)/avatarize run --config pipeline.yaml --set export.preview=true
 
 test: setup
-	$(BIN)/ruff check pipeline stages assets tests
+	$(BIN)/ruff check pipeline stages training assets tests
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
@@ -55,7 +55,7 @@ bench: setup
 	$(BIN)/python -m pipeline.bench_bodies --out bench/results
 
 lint: setup
-	$(BIN)/ruff check pipeline stages assets tests
+	$(BIN)/ruff check pipeline stages training assets tests
 
 clean:
 	rm -rf work out
