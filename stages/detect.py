@@ -290,8 +290,9 @@ class DetectStage(Stage):
     config_model = DetectConfig
     resources = Resources(cpus=1.0)
 
-    def __init__(self, config: DetectConfig, run: RunSection):
-        super().__init__(config, run)
+    def __init__(self, config: DetectConfig, run: RunSection,
+                 shared: dict[str, Section] | None = None):
+        super().__init__(config, run, shared)
         self.config: DetectConfig = config
         self._backend: PoseBackend | None = None
         self._rejected = _Rejections()
