@@ -1,0 +1,330 @@
+"""Training an action recognizer: non-private, full DP-SGD (Opacus) or MaskDP.
+
+One loop for all three. Each step draws a Poisson sample of training videos (rate
+q = batch_size / N, every video independently, as Opacus' sampler), takes
+`clips_per_video` clips of each, and builds the step's gradient sum in physical chunks of
+`physical_batch` videos (virtual batches larger than memory):
+
+- none:   Σ_videos mean-over-clips gradient (no clipping, no noise);
+- dpsgd:  Σ_videos clip_C(mean-over-clips gradient) + N(0, σ²C²): per-sample gradients
+          from Opacus' GradSampleModule (hooks);
+- maskdp: Σ_videos [public gradient + clip_C(Δ)] + N(0, σ²C²) (training/maskdp.py).
+
+then divides by the expected batch size q·N (as Opacus does) and steps the optimizer. The
+accountant (Opacus RDP or PRV) records one Poisson-subsampled Gaussian step each time;
+the noise multiplier comes from the target ε, δ, q and the number of steps, as Opacus'
+make_private_with_epsilon computes it.
+
+Checkpoints (after every epoch, written atomically) hold the model, the optimizer, the
+scheduler, the accountant's history, the step and the random generators, so a killed run
+resumes from its last epoch with its accounting exact: the steps of the unfinished epoch
+were never released and are redone, counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from pipeline.config import Section
+from training.accounting import default_delta, make_accountant, noise_for_epsilon
+from training.data import DataConfig, VideoRecord, batch_of, load_dataset
+from training.maskdp import (
+    add_noise,
+    clip_factors,
+    maskdp_gradient_efficient,
+    maskdp_gradient_naive,
+    public_surrogate,
+)
+from training.models import ModelConfig, build_model, check_private
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyConfig(Section):
+    mode: Literal["none", "dpsgd", "maskdp"] = Field(
+        "maskdp", description="none | dpsgd (whole input private) | maskdp (sensitive region)")
+    epsilon: float = Field(8.0, gt=0.0, description="target ε spent by the whole run")
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="δ; null: min(1e-5, 1/N^1.1), N = training videos")
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, description="σ directly (then ε is what it spends, not a target)")
+    clip: float = Field(1.0, gt=0.0, description="clip norm C of a video's (sensitive) gradient")
+    accountant: Literal["rdp", "prv"] = Field("prv", description="Opacus accountant")
+    filler: float = Field(0.5, ge=0.0, le=1.0,
+                          description="constant that replaces sensitive pixels in x̄ (no data)")
+    maskdp_form: Literal["efficient", "naive"] = Field(
+        "efficient", description="stacked-batch MaskDP or the two-pass reference")
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="applied to the privatized gradient (post-processing: no cost in ε)")
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(8, ge=1, description="expected videos per step (Poisson)")
+    physical_batch: int = Field(8, ge=1, description="videos per forward/backward in memory")
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class TrainConfig(Section):
+    out: Path | None = Field(
+        None, description="run folder (checkpoint, metrics); null: WORKDIR/train/<mode>")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+def loss_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dataset_root: Path, out_dir: Path):
+        self.cfg = cfg
+        self.out = out_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        dev = cfg.optim.device
+        self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if dev == "auto" else dev))
+        records, self.labels = load_dataset(dataset_root, cfg.data)
+        self.train = [r for r in records if r.split == "train"]
+        self.test = [r for r in records if r.split == "test"]
+        if not self.train:
+            raise ValueError(f"{dataset_root}: no training videos")
+        torch.manual_seed(cfg.optim.seed)
+        self.model = build_model(cfg.model, len(self.labels), cfg.data.frames,
+                                 cfg.data.size).to(self.device)
+        p = cfg.privacy
+        if p.mode != "none":
+            check_private(self.model)
+        n = len(self.train)
+        self.sample_rate = min(1.0, cfg.optim.batch_size / n)
+        self.steps_per_epoch = max(1, round(1.0 / self.sample_rate))
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.delta = p.delta if p.delta is not None else default_delta(n)
+        if p.mode == "none":
+            self.sigma = 0.0
+        elif p.noise_multiplier is not None:
+            self.sigma = p.noise_multiplier
+        else:
+            self.sigma = noise_for_epsilon(p.epsilon, self.delta, self.sample_rate,
+                                           self.total_steps, p.accountant)
+        self.accountant = make_accountant(p.accountant)
+        o = cfg.optim
+        self.optimizer = (
+            torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+            if o.optimizer == "adam" else
+            torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                            weight_decay=o.weight_decay))
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+            if cfg.optim.schedule == "cosine" else (lambda s: 1.0))
+        self.step = 0
+        self.rng = np.random.default_rng(cfg.optim.seed)
+        self.noise_gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+        self.history: list[dict[str, Any]] = []
+        self._gsm: nn.Module | None = None
+        self._resume()
+
+    # ---- state -----------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def epsilon(self) -> float | None:
+        """ε spent so far; None for non-private training (no guarantee at all)."""
+        if self.cfg.privacy.mode == "none":
+            return None
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=self.delta))
+
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "accountant": list(self.accountant.history), "step": self.step,
+                "rng": self.rng.bit_generator.state, "noise": self.noise_gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": self.history,
+                "sigma": self.sigma, "labels": self.labels,
+                "config": json.loads(self.cfg.model_dump_json())}
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.is_file():
+            return
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state["config"] != json.loads(self.cfg.model_dump_json()):
+            raise ValueError(f"{self.checkpoint_path} was written with another train config: "
+                             "use another train.out or remove the folder to start over")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.accountant.history = [tuple(h) for h in state["accountant"]]
+        self.step = state["step"]
+        self.rng.bit_generator.state = state["rng"]
+        self.noise_gen.set_state(state["noise"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = state["history"]
+        self.sigma = state["sigma"]
+        log.info("resumed %s at step %d (ε spent %s)", self.checkpoint_path, self.step,
+                 self.epsilon())
+
+    # ---- one step --------------------------------------------------------------------
+    def _grad_sample_module(self) -> nn.Module:
+        if self._gsm is None:
+            from opacus import GradSampleModule
+
+            self._gsm = GradSampleModule(self.model, loss_reduction="sum")
+        return self._gsm
+
+    def _chunk_sum(self, videos: list[VideoRecord]) -> tuple[list[torch.Tensor], float, int]:
+        """Σ over these videos of their (clipped) contributions; summed loss; clips."""
+        cfg, p = self.cfg, self.cfg.privacy
+        x, m, y, g = batch_of(videos, cfg.data, cfg.data.clips_per_video, self.rng)
+        x, m, y, g = (t.to(self.device) for t in (x, m, y, g))
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        if p.mode == "maskdp":
+            xbar = public_surrogate(x, m, p.filler)
+            if p.maskdp_form == "efficient":
+                grads, _ = maskdp_gradient_efficient(self._grad_sample_module(), loss_per_sample,
+                                                     x, xbar, y, p.clip, g)
+            else:
+                grads, _ = maskdp_gradient_naive(self.model, loss_per_sample, x, xbar, y,
+                                                 p.clip, g)
+            with torch.no_grad():
+                loss = float(loss_per_sample(self.model(x), y).sum())
+            return grads, loss, len(y)
+        # Per-video mean over its clips: weight 1 / clips of that video.
+        counts = torch.bincount(g)[g].to(x.dtype)
+        if p.mode == "none":
+            self.model.zero_grad(set_to_none=True)
+            losses = loss_per_sample(self.model(x), y)
+            (losses / counts).sum().backward()
+            grads = [q.grad.detach().clone() for q in params]
+            self.model.zero_grad(set_to_none=True)
+            return grads, float(losses.detach().sum()), len(y)
+        gsm = self._grad_sample_module()
+        gsm.zero_grad(set_to_none=True)
+        losses = loss_per_sample(gsm(x), y)
+        (losses / counts).sum().backward()
+        # grad_sample of a clip times its weight: average the clips of each video.
+        n_videos = len(videos)
+        per_video = []
+        for q in params:
+            gs = q.grad_sample
+            acc = torch.zeros((n_videos, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
+            acc.index_add_(0, g, gs)
+            per_video.append(acc)
+        norms = torch.sqrt(sum(v.reshape(n_videos, -1).pow(2).sum(1) for v in per_video))
+        w = clip_factors(norms, p.clip)
+        grads = [(w.view(-1, *([1] * (v.dim() - 1))) * v).sum(0) for v in per_video]
+        gsm.zero_grad(set_to_none=True)
+        return grads, float(losses.detach().sum()), len(y)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        chosen = np.flatnonzero(self.rng.random(len(self.train)) < self.sample_rate)
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        total = [torch.zeros_like(q) for q in params]
+        loss_sum, clips = 0.0, 0
+        self.model.train()
+        for start in range(0, len(chosen), cfg.optim.physical_batch):
+            videos = [self.train[i] for i in chosen[start:start + cfg.optim.physical_batch]]
+            grads, loss, n = self._chunk_sum(videos)
+            for acc, gr in zip(total, grads, strict=True):
+                acc += gr
+            loss_sum += loss
+            clips += n
+        if cfg.privacy.mode != "none":
+            total = add_noise(total, self.sigma, cfg.privacy.clip, self.noise_gen)
+        expected = self.sample_rate * len(self.train)
+        for q, gr in zip(params, total, strict=True):
+            q.grad = (gr / expected).to(q.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if cfg.privacy.mode != "none":
+            self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.sample_rate)
+        self.step += 1
+        return {"loss": loss_sum / clips if clips else float("nan"), "videos": len(chosen)}
+
+    # ---- evaluation ------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, records: list[VideoRecord]) -> dict[str, float]:
+        if not records:
+            return {"accuracy": float("nan"), "videos": 0}
+        self.model.eval()
+        correct = 0
+        for rec in records:
+            x, _, _, _ = batch_of([rec], self.cfg.data, self.cfg.data.eval_clips, None)
+            logits = self.model(x.to(self.device)).mean(0)
+            correct += int(int(logits.argmax()) == rec.label)
+        return {"accuracy": correct / len(records), "videos": len(records)}
+
+    # ---- the run ---------------------------------------------------------------------
+    def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
+        """Train to the end (or stop after that many more epochs: a run cut short, as a
+        kill between epochs would leave it)."""
+        cfg = self.cfg
+        epochs_run = 0
+        log.info("train: %d train / %d test videos, %d classes, mode %s, σ=%.3f, q=%.3f, "
+                 "%d steps", len(self.train), len(self.test), len(self.labels),
+                 cfg.privacy.mode, self.sigma, self.sample_rate, self.total_steps)
+        while self.step < self.total_steps:
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                break
+            epochs_run += 1
+            started = time.perf_counter()
+            losses = [self.train_step()["loss"]
+                      for _ in range(min(self.steps_per_epoch, self.total_steps - self.step))]
+            epoch = self.step // self.steps_per_epoch
+            row = {"epoch": epoch, "step": self.step,
+                   "loss": float(np.nanmean(losses)) if losses else float("nan"),
+                   "train_accuracy": self.evaluate(self.train)["accuracy"],
+                   "test_accuracy": self.evaluate(self.test)["accuracy"],
+                   "epsilon": self.epsilon(), "delta": self.delta,
+                   "seconds": round(time.perf_counter() - started, 2)}
+            self.history.append(row)
+            _atomic_save(self._state(), self.checkpoint_path)
+            _atomic_json(self.summary(), self.out / "metrics.json")
+            log.info("epoch %d: loss %.3f, test accuracy %.3f, ε %s", epoch, row["loss"],
+                     row["test_accuracy"], row["epsilon"])
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        p = self.cfg.privacy
+        return {"mode": p.mode, "arch": self.cfg.model.arch, "labels": self.labels,
+                "train_videos": len(self.train), "test_videos": len(self.test),
+                "sample_rate": self.sample_rate, "noise_multiplier": self.sigma,
+                "clip": p.clip, "delta": self.delta, "accountant": p.accountant,
+                "target_epsilon": p.epsilon if p.mode != "none" else None,
+                "epsilon": self.epsilon(), "steps": self.step, "total_steps": self.total_steps,
+                "epochs": self.history}
