@@ -131,6 +131,43 @@ def cmd_convert_body_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train_overrides(args: argparse.Namespace) -> None:
+    extra = []
+    if args.privacy is not None:
+        extra.append(f"train.privacy.mode={args.privacy}")
+    if args.epsilon is not None:
+        extra.append(f"train.privacy.epsilon={args.epsilon}")
+    if getattr(args, "delta", None) is not None:
+        extra.append(f"train.privacy.delta={args.delta}")
+    args.set = [*extra, *(args.set or [])]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.run import train
+
+    _train_overrides(args)
+    summary = train(_load(args))
+    last = summary["epochs"][-1] if summary["epochs"] else {}
+    eps = summary["epsilon"]
+    print(f"trained {summary['arch']} ({summary['mode']}) for {summary['steps']} steps on "
+          f"{summary['train_videos']} videos: test accuracy {last.get('test_accuracy')}, "
+          f"ε {'n/a (not private)' if eps is None else f'{eps:.3f}'} at δ {summary['delta']:.2g}")
+    print(f"run folder: {summary['run_folder']} (checkpoint.pt, metrics.json)")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.run import evaluate
+
+    _train_overrides(args)
+    result = evaluate(_load(args), args.checkpoint)
+    for name in ("anonymized", "original"):
+        r = result[name]
+        print(f"{name:>10} test videos: {r['videos']}, accuracy {r['accuracy']}")
+    print(f"written: {Path(result['checkpoint']).parent / 'evaluation.json'}")
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import run_checks
 
@@ -181,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src", help="the .pkl model file")
     cv.add_argument("dst", help="the .npz to write")
     cv.set_defaults(func=cmd_convert_body_model)
+
+    for name, func, text in (
+            ("train", cmd_train, "train an action recognizer on the exported dataset "
+             "(non-private, DP-SGD or MaskDP)"),
+            ("evaluate", cmd_evaluate, "test a trained checkpoint on the anonymized and the "
+             "original test videos")):
+        tr = sub.add_parser(name, help=text)
+        tr.add_argument("--config", type=Path, help="YAML config (default: ./pipeline.yaml)")
+        tr.add_argument("--input", type=Path, help="the original videos (run.input)")
+        tr.add_argument("--output", type=Path, help="the exported dataset (run.output)")
+        tr.add_argument("--workdir", type=Path, help="artifact folder (runs go to training/)")
+        tr.add_argument("--privacy", choices=("none", "dpsgd", "maskdp"),
+                        help="train.privacy.mode")
+        tr.add_argument("--epsilon", type=float, help="train.privacy.epsilon (target)")
+        tr.add_argument("--delta", type=float, help="train.privacy.delta")
+        tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.optim.epochs=20")
+        if name == "evaluate":
+            tr.add_argument("--checkpoint", type=Path,
+                            help="checkpoint.pt or its run folder (default: the train run's)")
+        tr.set_defaults(func=func)
 
     doc = sub.add_parser("doctor", help="check rendering, detector, body model, torch")
     doc.set_defaults(func=cmd_doctor)

@@ -49,6 +49,9 @@ harmonize/<id>/
                      (avatar pixels and image-inpainted pixels)
 
 export: OUTPUT/<id>.mp4, OUTPUT/<id>.mask.mp4, OUTPUT/<id>.json, OUTPUT/dataset.json
+
+train: nothing per video; with train.enabled, WORKDIR/training/<mode>/ (checkpoint.pt,
+metrics.json) after the whole dataset is exported (training/run.py)
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ STAGE_MODULES = (
     ("inpaint", "stages.inpaint", "InpaintStage"),
     ("harmonize", "stages.harmonize", "HarmonizeStage"),
     ("export", "stages.export", "ExportStage"),
+    ("train", "stages.train", "TrainStage"),
 )
 
 

@@ -83,3 +83,27 @@ def test_a_run_cut_short_resumes_to_the_same_model_and_epsilon(dataset, tmp_path
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="another train config"):
         Trainer(config("maskdp", epochs=5, epsilon=4.0), dataset, tmp_path / "cut")
+
+
+def test_train_and_evaluate_commands(dataset, tmp_path, capsys):
+    from pipeline.cli import main
+
+    small = ["--set", "train.data.frames=4", "--set", "train.data.size=32",
+             "--set", "train.data.crop_margin=1.0", "--set", "train.model.width=8",
+             "--set", "train.model.depth=1", "--set", "train.optim.epochs=2",
+             "--set", "train.optim.device=cpu"]
+    where = ["--input", str(dataset), "--output", str(dataset),
+             "--workdir", str(tmp_path / "work")]
+    assert main(["train", *where, "--privacy", "maskdp", "--epsilon", "1.5", *small]) == 0
+    run = tmp_path / "work" / "training" / "maskdp"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["mode"] == "maskdp" and metrics["epsilon"] <= 1.5
+    assert "ε" in capsys.readouterr().out
+    assert main(["evaluate", *where, "--privacy", "maskdp", *small]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["anonymized"]["videos"] == 4 and result["original"]["videos"] == 4
+    assert 0.0 <= result["anonymized"]["accuracy"] <= 1.0
+    assert result["epsilon"] == pytest.approx(metrics["epsilon"])
+    # A bad value names its key.
+    assert main(["train", *where, "--set", "train.privacy.clip=-1"]) == 2
+    assert "train.privacy.clip" in capsys.readouterr().err

@@ -79,20 +79,32 @@ def _decode(path: Path, fmt: str, side: int) -> np.ndarray:
     return np.stack([_resize_square(f, side) for f in iter_frames(path, fmt)])
 
 
-def _identity(root: Path, entry: dict) -> str | None:
-    meta_path = root / entry.get("meta", "")
-    if entry.get("meta") and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        person = meta.get("person")
-        if isinstance(person, dict) and person.get("name"):
-            return str(person["name"])
+def _identity(root: Path, entry: dict, input_root: Path | None) -> str | None:
+    """The person's name from the exported metadata or the source's sidecar JSON (the
+    generated sample writes one next to each video)."""
+    candidates = []
+    if entry.get("meta"):
+        candidates.append(root / entry["meta"])
+    if input_root is not None and entry.get("source"):
+        candidates.append((input_root / entry["source"]).with_suffix(".json"))
+    for path in candidates:
+        if path.is_file():
+            try:
+                person = json.loads(path.read_text()).get("person")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(person, dict) and person.get("name"):
+                return str(person["name"])
     return None
 
 
 def load_dataset(root: Path, cfg: DataConfig, labels: list[str] | None = None,
-                 source_root: Path | None = None) -> tuple[list[VideoRecord], list[str]]:
-    """The labelled videos of an exported dataset (or, with `source_root`, the original
-    videos they came from, with all-sensitive masks) and the label names."""
+                 input_root: Path | None = None, originals: bool = False,
+                 ) -> tuple[list[VideoRecord], list[str]]:
+    """The labelled videos of an exported dataset and the label names. With `originals`,
+    the source videos they came from (in `input_root`), masks all sensitive."""
+    if originals and input_root is None:
+        raise ValueError("the original videos need the input folder (run.input)")
     index_path = root / "dataset.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path}: no dataset.json (run `avatarize run` first, "
@@ -107,17 +119,17 @@ def load_dataset(root: Path, cfg: DataConfig, labels: list[str] | None = None,
     for v in entries:
         if v["label"] not in names:
             continue
-        group = _identity(root, v) or v["id"]
+        group = _identity(root, v, input_root) or v["id"]
         split = v.get("split") or ("test" if _hash_fraction(group) < cfg.test_fraction
                                    else "train")
         if split not in ("train", "test"):
             split = "test" if split in ("val", "valid", "validation") else "train"
         try:
-            if source_root is None:
+            if not originals:
                 frames = _decode(root / v["video"], "rgb24", side)
                 mask = _decode(root / v["mask"], "gray", side)
             else:
-                frames = _decode(source_root / v["source"], "rgb24", side)
+                frames = _decode(input_root / v["source"], "rgb24", side)
                 mask = np.full(frames.shape[:3], 255, np.uint8)
         except (VideoDecodeError, OSError, ValueError) as exc:
             raise ValueError(f"{v['id']}: cannot read its video or mask: {exc}") from exc

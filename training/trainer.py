@@ -82,8 +82,11 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
+    enabled: bool = Field(
+        False, description="the train stage of `avatarize run` trains only when true "
+        "(`avatarize train` always does)")
     out: Path | None = Field(
-        None, description="run folder (checkpoint, metrics); null: WORKDIR/train/<mode>")
+        None, description="run folder (checkpoint, metrics); null: WORKDIR/training/<mode>")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -107,14 +110,15 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dataset_root: Path, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, dataset_root: Path, out_dir: Path,
+                 input_root: Path | None = None):
         self.cfg = cfg
         self.out = out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         dev = cfg.optim.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available()
                                    else ("cpu" if dev == "auto" else dev))
-        records, self.labels = load_dataset(dataset_root, cfg.data)
+        records, self.labels = load_dataset(dataset_root, cfg.data, input_root=input_root)
         self.train = [r for r in records if r.split == "train"]
         self.test = [r for r in records if r.split == "test"]
         if not self.train:
@@ -152,6 +156,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.optim.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
         self.history: list[dict[str, Any]] = []
+        self.dataset_root = dataset_root
         self._gsm: nn.Module | None = None
         self._resume()
 
