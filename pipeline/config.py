@@ -155,6 +155,8 @@ def _resolve_paths(section: Section, base: Path) -> None:
         value = getattr(section, key)
         if isinstance(value, Path) and not value.is_absolute():
             setattr(section, key, (base / value).resolve())
+        elif isinstance(value, Section):  # nested sections (train.data, ...)
+            _resolve_paths(value, base)
 
 
 def fingerprint_of(section: BaseModel) -> str:

@@ -20,11 +20,14 @@ detect/<id>/
 fit/<id>/
     bodies.npz   track_ids  int32   [P]
                  present    bool    [T, P]
-                 pose       float32 [T, P, J, 3]   body-model local joint rotations (axis-angle)
+                 pose       float32 [T, P, J, 3]   body-model local joint rotations (axis-angle);
+                                                  J: Anny's bones, 24 SMPL, 52 SMPL-H, 55 SMPL-X
                  root_orient float32 [T, P, 3]     global orientation (axis-angle, camera frame)
                  transl     float32 [T, P, 3]      root translation in camera coordinates (m)
-                 phenotype  float32 [P, K]         the estimated shape of the real person
-                 joints3d   float32 [T, P, 23, 3]  Anny COCO-23 keypoints, camera coords (m)
+                 phenotype  float32 [P, K]         the estimated shape (Anny phenotype or SMPL
+                                                  betas; names in phenotype_labels)
+                 joints3d   float32 [T, P, 23, 3]  the body model's COCO-23 keypoints, camera
+                                                  coords (m)
                  fit_error  float32 [T, P]         mean reprojection error, px (NaN if absent)
                  camera     float32 [4]            fx, fy, cx, cy
     summary      {"body_model", "tracks", "mean_fit_error_px", "phenotype_labels"}

@@ -1,10 +1,18 @@
-"""fit: a 3D Anny body per person per frame from the detected 2D keypoints.
+"""fit: a 3D body per person per frame from the detected 2D keypoints.
+
+The body model is the shared `body` section's (stages/body_config.py): Anny (default) or
+SMPL / SMPL-H / SMPL-X through smplx. One optimizer fits all; a `BodySpec` holds what
+differs per model: the optimized joints and their stiffness, bone ends, hinges, relaxed
+stance, joint ranges (all in the model's own frame), the model -> camera rotation, the
+shape prior and the keypoint model. Anny's tables are this module's constants (BODY_BONES
+... JOINT_RANGES, LIMB_SEGMENTS); the SMPL family's, and how they differ, are in
+stages/fit_smpl.py.
 
 SMPLify-style: a perspective camera with the focal length of a configured field of view
-and the principal point at the image centre; per track one shape (phenotype) and per frame
-a pose, a global orientation and a translation, found by Adam on
+and the principal point at the image centre; per track one shape (Anny's phenotype or SMPL
+betas) and per frame a pose, a global orientation and a translation, found by Adam on
 
-    robust (Geman-McClure) reprojection of Anny's 23 COCO keypoints onto the BlazePose
+    robust (Geman-McClure) reprojection of the body's 23 COCO keypoints onto the BlazePose
     landmarks they correspond to, weighted by visibility, normalized by the person's size
   + pose prior (L2 on the bone rotations away from a relaxed stance, arms at the sides
     (RELAXED), stiffer for spine, neck, clavicles, wrists, feet, and much stiffer for a
@@ -14,10 +22,14 @@ a pose, a global orientation and a translation, found by Adam on
   + temporal smoothness (second differences of pose, orientation and translation)
   + a weak 3D term on BlazePose's world landmarks (metric, hip-centred), which tells a limb
     pointing at the camera from one pointing away
-  + a shape prior (towards the average phenotype, 0.5).
+  + a shape prior (towards the average shape: Anny's phenotype 0.5, clamped to [0, 1];
+    SMPL betas 0, clamped to +-3).
 
 Only the major bones are optimized (spine, neck, head, clavicles, upper and lower arms,
-wrists, upper and lower legs, feet); fingers, toes and twist bones stay at zero.
+wrists, upper and lower legs, feet); fingers, toes, twist bones (SMPL-H/X: hands, jaw,
+eyes) stay at zero. bodies.npz holds the full pose of the model: J = Anny's bone count,
+24 (SMPL), 52 (SMPL-H) or 55 (SMPL-X); `phenotype` holds the shape (P, K) and the summary
+names its entries (phenotype_labels: Anny's phenotype or beta0..).
 
 Per window of frames: initialize each frame's orientation from the torso of BlazePose's
 world landmarks (so a person seen from behind starts turned round), its depth from the
@@ -32,24 +44,25 @@ that fits in one window estimates the shape in that window; a longer one first e
 each track's shape on `shape_frames` frames spread over the track and keeps it fixed.
 Frames where a track is absent (or shows too few keypoints) are interpolated afterwards.
 
-The optimizer never skins the mesh (`KeypointModel`): a keypoint is a fixed blend of
-skinned vertices, hence of bone transforms, and only the bones being fitted move, so a
-few 3x3 products per frame give exactly what AnnyBody.forward would.
+The optimizer never skins the mesh (`BoneKeypointModel`): a keypoint is a fixed blend of
+skinned vertices (or joints), hence of bone transforms, and only the bones being fitted
+move, so a few 3x3 products per frame give exactly what AnnyBody.forward would
+(SmplFamilyBody.forward up to its pose-corrective blend shapes, see stages/fit_smpl.py).
 """
 
 from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy.spatial.transform import Rotation, Slerp
 
 from pipeline.config import Section
@@ -57,12 +70,11 @@ from pipeline.stage import Resources, Stage, VideoFailed, VideoJob
 from stages.body import (
     ANNY_TO_CAMERA,
     BLAZEPOSE_FOR_COCO23,
-    PHENOTYPE_LABELS,
     AnnyBody,
     axis_angle_to_matrix,
-    load_body,
     resolve_device,
 )
+from stages.body_config import body_section, load_body_model
 
 NUM_COCO = 23
 NUM_BLAZEPOSE = 33
@@ -211,8 +223,23 @@ class FitConfig(Section):
         "landmarks point them (picks towards/away from the camera, which 2D cannot)"
     )
     w_shape_prior: float = Field(
-        1e-3, ge=0.0, description="weight pulling the phenotype towards the average (0.5)"
+        1e-3, ge=0.0, description="weight pulling the shape towards the average (Anny's "
+        "phenotype 0.5, SMPL betas 0)"
     )
+    source: Literal["detections", "file"] = Field(
+        "detections", description="detections: fit bodies to detect's keypoints; file: read "
+        "per-frame SMPL / SMPL-H / SMPL-X parameters another tool wrote, from "
+        "fit.source_dir/<video id>.npz (format: stages/fit_source.py, README)")
+    source_dir: Path | None = Field(
+        None, description="fit.source file: folder of <video id>.npz parameter files, "
+        "mirroring the input layout; relative to the config file")
+
+    @model_validator(mode="after")
+    def _source_needs_dir(self) -> FitConfig:
+        if self.source == "file" and self.source_dir is None:
+            raise ValueError("fit.source: file needs fit.source_dir: the folder of "
+                             "<video id>.npz parameter files")
+        return self
 
 
 # ----------------------------------------------------------------------------- body model
@@ -220,55 +247,28 @@ class FitConfig(Section):
 
 @dataclass
 class RestBody:
-    """What KeypointModel needs of one shape (P tracks)."""
+    """What a keypoint model needs of one shape (P tracks)."""
 
     heads: torch.Tensor  # (P, O, 3) reference-pose heads of the optimized bones
     blend: torch.Tensor  # (P, K, O + 1, 4) keypoint blend vectors per bone group
 
 
-class KeypointModel:
-    """AnnyBody's COCO-23 keypoints for poses of a few bones, without skinning the mesh.
+class BoneKeypointModel:
+    """COCO-23 keypoints of a body posed at a few of its joints, without skinning the mesh.
 
-    With linear blend skinning a posed vertex is sum_j w_vj T_j [v; 1], so the regressed
-    keypoint k = sum_v r_kv v' is sum_j T_j a_kj with a_kj = sum_v r_kv w_vj [v; 1]; the
-    rest vertices are linear in the blendshape coefficients c, hence a = a0 + c . a_n.
-
-    In Anny's local-ref parameterization, a bone's posed frame is its reference frame Q_j
-    moved by G_j = G_parent [D_j | (I - D_j) q_j]: its rotation D_j about its reference head
-    q_j, in the reference pose's axes. A bone kept at zero moves with its parent, so with
-    only O bones posed the sum folds into O + 1 groups (the root's is fixed):
-    keypoint k = sum_o G_o b_ko, with b_ko = sum of Q_j P_j^-1 a_kj over the group's bones
-    (P_j: rest pose, T_j = G_j Q_j P_j^-1). Forward kinematics then takes one 3x3 product
-    per level of the posed bones' tree instead of Anny's 104-bone chain.
+    Anny's local-ref pose and the SMPL family's pose share one structure: joint j's posed
+    transform is G_j = G_parent [D_j | (I - D_j) q_j], its rotation D_j about its reference
+    head q_j, in the reference pose's axes. A keypoint is a fixed blend of bone transforms
+    (of skinned vertices or of joints), so with only O bones posed, and the others moving
+    with their nearest posed ancestor, keypoint k = sum_o G_o b_ko over O + 1 groups (the
+    root's is fixed). Forward kinematics then takes one 3x3 product per level of the posed
+    bones' tree. Subclasses give, per shape, the heads q and the blends b (`rest`).
     """
 
-    def __init__(self, body: AnnyBody, bones: list[int]):
-        self.body = body
-        model = body.model
-        self.model = model
+    def __init__(self, parents: list[int], num_joints: int, bones: list[int],
+                 to_camera: torch.Tensor, device: torch.device, dtype: torch.dtype):
         self.bones = bones
-        dev, dt = body.device, body.dtype
-        reg = body.keypoints.regression_weights.to(dev, dt)  # (K, V)
-        if body.keypoints.is_sparse:
-            raise RuntimeError("sparse keypoint regressors are not supported")
-        weights = model.vertex_bone_weights.to(dt)  # (V, S)
-        index = model.vertex_bone_indices.long()
-        dense = torch.zeros(reg.shape[1], body.num_bones, device=dev, dtype=dt)
-        dense.scatter_add_(1, index, weights)  # (V, J)
-        template = model.template_vertices.to(dt)  # (V, 3)
-        shapes = model.blendshapes.to(dt)  # (N, V, 3)
-        a0 = torch.zeros(NUM_COCO, body.num_bones, 4, device=dev, dtype=dt)
-        an = torch.zeros(shapes.shape[0], NUM_COCO, body.num_bones, 3, device=dev, dtype=dt)
-        with torch.no_grad():
-            for k in range(reg.shape[0]):
-                idx = torch.nonzero(reg[k]).squeeze(1)
-                rw = reg[k, idx, None] * dense[idx]  # (S, J): r_kv w_vj
-                a0[k, :, :3] = rw.T @ template[idx]
-                a0[k, :, 3] = rw.sum(0)
-                an[:, k] = torch.einsum("vj,nvc->njc", rw, shapes[:, idx])
-        self.a0, self.an = a0, an
         # Each bone's group: its nearest posed ancestor (itself if posed), 0 for the root's.
-        parents = [int(x) for x in model.bone_parents]
         group_of = {b: i + 1 for i, b in enumerate(bones)}
 
         def group(j: int) -> int:
@@ -276,8 +276,8 @@ class KeypointModel:
                 j = parents[j]
             return group_of.get(j, 0)
 
-        member = torch.zeros(body.num_bones, len(bones) + 1, device=dev, dtype=dt)
-        for j in range(body.num_bones):
+        member = torch.zeros(num_joints, len(bones) + 1, device=device, dtype=dtype)
+        for j in range(num_joints):
             member[j, group(j)] = 1.0
         self.member = member
         # The posed bones' tree, level by level: (positions, their parent groups).
@@ -289,34 +289,12 @@ class KeypointModel:
         self.levels = []
         for lv in range(max(depth) + 1):
             members = [i for i, d in enumerate(depth) if d == lv]
-            self.levels.append((torch.tensor(members, device=dev), members,
+            self.levels.append((torch.tensor(members, device=device), members,
                                 [self.parent_group[i] for i in members]))
-        self.to_camera = ANNY_TO_CAMERA.to(dev, dt)
-        # keypoints() leaves out AnnyBody.forward's "minus the root bone's position": the
-        # posed root sits at the origin in the local-ref parameterization.
-        eye = torch.eye(4, device=dev, dtype=dt).expand(1, body.num_bones, 4, 4)
-        with torch.no_grad():
-            rest = model.get_rest_model(model.get_phenotype_blendshape_coefficients())
-            root = model.get_bone_transforms(eye, rest["rest_bone_poses"])[1][:, 0, :3, 3]
-        if root.abs().max() > 1e-5:
-            raise RuntimeError("fit: expected Anny's posed root bone at the origin")
+        self.to_camera = to_camera.to(device, dtype)
 
-    def rest(self, phenotype: torch.Tensor) -> RestBody:
-        model = self.model
-        phen = phenotype.to(self.body.device, self.body.dtype).clamp(0.0, 1.0)
-        p = phen.shape[0]
-        kwargs = {label: phen[:, i] for i, label in enumerate(self.body.phenotype_labels)}
-        _, params, local, facial = model.get_tensor_inputs(None, kwargs, None, None)
-        coeffs = model._get_phenotype_blendshape_coefficients(params, local, facial)
-        rest_poses = model.get_rest_model(coeffs)["rest_bone_poses"]
-        eye = torch.eye(4, device=phen.device, dtype=phen.dtype).expand(p, self.body.num_bones,
-                                                                        4, 4)
-        transforms, ref_poses = model.get_bone_transforms(eye, rest_poses)
-        a = self.a0[None, :, :, :3] + torch.einsum("pn,nkjc->pkjc", coeffs, self.an)
-        a = torch.cat([a, self.a0[None, :, :, 3:].expand(p, -1, -1, -1)], -1)
-        # transforms = Q P^-1 at zero pose.
-        blend = torch.einsum("pjrs,pkjs,jo->pkor", transforms, a, self.member)
-        return RestBody(ref_poses[:, self.bones, :3, 3], blend)
+    def rest(self, shape: torch.Tensor) -> RestBody:
+        raise NotImplementedError
 
     def keypoints(
         self,
@@ -350,33 +328,140 @@ class KeypointModel:
         return kps @ glob.transpose(-1, -2) + transl[:, :, None]
 
 
-def body_bone_indices(body: AnnyBody) -> list[int]:
-    return [body.bone_index(name) for name in BODY_BONES]
+class KeypointModel(BoneKeypointModel):
+    """AnnyBody's COCO-23 keypoints for poses of a few bones (see BoneKeypointModel).
+
+    With linear blend skinning a posed vertex is sum_j w_vj T_j [v; 1], so the regressed
+    keypoint k = sum_v r_kv v' is sum_j T_j a_kj with a_kj = sum_v r_kv w_vj [v; 1]; the
+    rest vertices are linear in the blendshape coefficients c, hence a = a0 + c . a_n.
+
+    In Anny's local-ref parameterization a bone's posed frame is its reference frame Q_j
+    moved by G_j, so b_ko = sum of Q_j P_j^-1 a_kj over the group's bones (P_j: rest pose,
+    T_j = G_j Q_j P_j^-1), instead of Anny's 104-bone chain.
+    """
+
+    def __init__(self, body: AnnyBody, bones: list[int]):
+        self.body = body
+        model = body.model
+        self.model = model
+        dev, dt = body.device, body.dtype
+        reg = body.keypoints.regression_weights.to(dev, dt)  # (K, V)
+        if body.keypoints.is_sparse:
+            raise RuntimeError("sparse keypoint regressors are not supported")
+        weights = model.vertex_bone_weights.to(dt)  # (V, S)
+        index = model.vertex_bone_indices.long()
+        dense = torch.zeros(reg.shape[1], body.num_bones, device=dev, dtype=dt)
+        dense.scatter_add_(1, index, weights)  # (V, J)
+        template = model.template_vertices.to(dt)  # (V, 3)
+        shapes = model.blendshapes.to(dt)  # (N, V, 3)
+        a0 = torch.zeros(NUM_COCO, body.num_bones, 4, device=dev, dtype=dt)
+        an = torch.zeros(shapes.shape[0], NUM_COCO, body.num_bones, 3, device=dev, dtype=dt)
+        with torch.no_grad():
+            for k in range(reg.shape[0]):
+                idx = torch.nonzero(reg[k]).squeeze(1)
+                rw = reg[k, idx, None] * dense[idx]  # (S, J): r_kv w_vj
+                a0[k, :, :3] = rw.T @ template[idx]
+                a0[k, :, 3] = rw.sum(0)
+                an[:, k] = torch.einsum("vj,nvc->njc", rw, shapes[:, idx])
+        self.a0, self.an = a0, an
+        super().__init__([int(x) for x in model.bone_parents], body.num_bones, bones,
+                         ANNY_TO_CAMERA, dev, dt)
+        # keypoints() leaves out AnnyBody.forward's "minus the root bone's position": the
+        # posed root sits at the origin in the local-ref parameterization.
+        eye = torch.eye(4, device=dev, dtype=dt).expand(1, body.num_bones, 4, 4)
+        with torch.no_grad():
+            rest = model.get_rest_model(model.get_phenotype_blendshape_coefficients())
+            root = model.get_bone_transforms(eye, rest["rest_bone_poses"])[1][:, 0, :3, 3]
+        if root.abs().max() > 1e-5:
+            raise RuntimeError("fit: expected Anny's posed root bone at the origin")
+
+    def rest(self, phenotype: torch.Tensor) -> RestBody:
+        model = self.model
+        phen = phenotype.to(self.body.device, self.body.dtype).clamp(0.0, 1.0)
+        p = phen.shape[0]
+        kwargs = {label: phen[:, i] for i, label in enumerate(self.body.phenotype_labels)}
+        _, params, local, facial = model.get_tensor_inputs(None, kwargs, None, None)
+        coeffs = model._get_phenotype_blendshape_coefficients(params, local, facial)
+        rest_poses = model.get_rest_model(coeffs)["rest_bone_poses"]
+        eye = torch.eye(4, device=phen.device, dtype=phen.dtype).expand(p, self.body.num_bones,
+                                                                        4, 4)
+        transforms, ref_poses = model.get_bone_transforms(eye, rest_poses)
+        a = self.a0[None, :, :, :3] + torch.einsum("pn,nkjc->pkjc", coeffs, self.an)
+        a = torch.cat([a, self.a0[None, :, :, 3:].expand(p, -1, -1, -1)], -1)
+        # transforms = Q P^-1 at zero pose.
+        blend = torch.einsum("pjrs,pkjs,jo->pkor", transforms, a, self.member)
+        return RestBody(ref_poses[:, self.bones, :3, 3], blend)
 
 
-def _hinge_axes(km: KeypointModel, bones: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """(position in `bones`, flexion axis in Anny's frame) per hinge joint.
+Vec = tuple[float, float, float]
+JointRange = tuple[Any, Vec, Vec, tuple[Range, Range, Range]]
+
+
+@dataclass(frozen=True)
+class BodySpec:
+    """How the fitter treats one body model; every table is in the model's own frame and
+    keyed by its joint names (see BODY_BONES ... JOINT_RANGES for what each holds)."""
+
+    kind: str
+    bones: dict[str, float]  # optimized joints -> pose-prior stiffness
+    bone_ends: dict[str, tuple[int, ...]]  # optimized joint -> keypoints ending its segment
+    hinges: tuple[tuple[str, str, Vec], ...]  # (joint, joint ending the segment, flex swing)
+    relaxed: dict[str, Vec]  # where the pose prior pulls, (flexion, abduction, twist)
+    joint_ranges: dict[str, JointRange]
+    limb_segments: tuple[tuple[str, str | None, tuple[int, int]], ...]
+    shape_mean: float  # where the shape prior pulls each shape coefficient
+    shape_bounds: tuple[float, float] | None  # the coefficients' clamp (None: free)
+    bone_index: Callable[[str], int]  # joint name -> index in the body's pose
+    keypoint_model: Callable[[list[int]], BoneKeypointModel]  # for these joint indices
+
+    @property
+    def hinge_bones(self) -> frozenset[str]:
+        return frozenset(h[0] for h in self.hinges)
+
+
+def anny_spec(body: AnnyBody) -> BodySpec:
+    return BodySpec("anny", BODY_BONES, BONE_ENDS, HINGES, RELAXED, JOINT_RANGES,
+                    LIMB_SEGMENTS, 0.5, (0.0, 1.0), body.bone_index,
+                    lambda bones: KeypointModel(body, bones))
+
+
+def body_spec(body: Any) -> BodySpec:
+    """The fitter's description of `body` (AnnyBody or stages.smpl_family.SmplFamilyBody)."""
+    if body.kind == "anny":
+        return anny_spec(body)
+    from stages.fit_smpl import smpl_spec  # it builds on this module's classes
+
+    return smpl_spec(body)
+
+
+def _rest_heads(km: BoneKeypointModel, body: Any) -> torch.Tensor:
+    """(O, 3) heads of the optimized bones for the body's average shape."""
+    with torch.no_grad():
+        return km.rest(body.default_shape(1)).heads[0]
+
+
+def _hinge_axes(km: BoneKeypointModel, body: Any, spec: BodySpec,
+                bones: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """(position in `bones`, flexion axis in the model's frame) per hinge joint.
 
     In the local-ref parameterization a bone's rotation is expressed in axes aligned with
-    Anny's frame in the reference pose, so the axis that swings the segment from its rest
-    direction d towards `swing` is d x swing, whatever the parents do.
+    the model's frame in the reference pose, so the axis that swings the segment from its
+    rest direction d towards `swing` is d x swing, whatever the parents do.
     """
-    body = km.body
-    with torch.no_grad():
-        heads = km.rest(body.default_phenotype(1)).heads[0]
+    heads = _rest_heads(km, body)
     out = []
-    for name, end, swing in HINGES:
-        pos = bones.index(body.bone_index(name))
-        d = heads[bones.index(body.bone_index(end))] - heads[pos]
-        axis = torch.linalg.cross(d, torch.tensor(swing, device=d.device, dtype=d.dtype))
+    for name, end, swing_to in spec.hinges:
+        pos = bones.index(spec.bone_index(name))
+        d = heads[bones.index(spec.bone_index(end))] - heads[pos]
+        axis = torch.linalg.cross(d, torch.tensor(swing_to, device=d.device, dtype=d.dtype))
         out.append((pos, axis / axis.norm()))
     return out
 
 
 @dataclass
 class JointLimits:
-    """Per optimized bone: anatomical axes (rows: flexion, abduction, twist) in Anny's frame
-    and the allowed range of the rotation's component along each."""
+    """Per optimized bone: anatomical axes (rows: flexion, abduction, twist) in the model's
+    frame and the allowed range of the rotation's component along each."""
 
     axes: torch.Tensor  # (B, 3, 3)
     low: torch.Tensor  # (B, 3)
@@ -391,16 +476,14 @@ class JointLimits:
         return (excess * excess).sum((-1, -2))
 
 
-def joint_limits(km: KeypointModel, names: list[str]) -> JointLimits:
-    """JointLimits of the bones `names` (the order of the optimized bones), from the
-    average body's rest pose."""
-    body = km.body
-    with torch.no_grad():
-        heads = km.rest(body.default_phenotype(1)).heads[0].double().cpu().numpy()
-    pos = {name: i for i, name in enumerate(names)}
+def joint_limits(km: BoneKeypointModel, body: Any, spec: BodySpec) -> JointLimits:
+    """JointLimits of the optimized bones (in the order of spec.bones), from the average
+    body's rest pose."""
+    heads = _rest_heads(km, body).double().cpu().numpy()
+    pos = {name: i for i, name in enumerate(spec.bones)}
     axes, low, high = [], [], []
-    for name in names:
-        segment, flex_swing, abd_swing, ranges = JOINT_RANGES[name]
+    for name in spec.bones:
+        segment, flex_swing, abd_swing, ranges = spec.joint_ranges[name]
         if isinstance(segment[0], str):
             d = heads[pos[segment[1]]] - heads[pos[segment[0]]]
         else:
@@ -419,7 +502,6 @@ def joint_limits(km: KeypointModel, names: list[str]) -> JointLimits:
         return torch.as_tensor(np.asarray(x), device=body.device, dtype=body.dtype)
 
     return JointLimits(tensor(axes), tensor(low), tensor(high))
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -568,21 +650,24 @@ def limb_pose_from_world(
     world: np.ndarray,  # (T, 23, 3) BlazePose world landmarks
     w3: np.ndarray,  # (T, 23) their weights
     rots: np.ndarray,  # (T, 3, 3) the initial global orientations
-    to_camera: np.ndarray,  # (3, 3) Anny's frame -> the body's camera-convention axes
+    to_camera: np.ndarray,  # (3, 3) the model's frame -> the body's camera-convention axes
     limits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],  # bone: axes, low, high
+    segments: tuple[tuple[str, str | None, tuple[int, int]], ...] = LIMB_SEGMENTS,
+    hinge_bones: frozenset[str] = HINGE_BONES,
 ) -> dict[str, np.ndarray]:
-    """Per limb bone, a (T, 3) axis-angle rotation (Anny's axes) that points its segment
+    """Per limb bone of `segments` (Anny's by default), a (T, 3) axis-angle rotation (the
+    model's axes) that points its segment
     where BlazePose's 3D landmarks point it, clamped to the bone's range. From a straight
     start the 2D reprojection cannot tell a limb swung towards the camera from one swung
     away (the image changes only to second order), and the fit stays in whichever basin
     it starts in; BlazePose's learned 3D picks the basin. NaN where the segment is unseen."""
     out: dict[str, np.ndarray] = {}
-    to_anny = to_camera.T
-    for bone, parent, (a, b) in LIMB_SEGMENTS:
+    to_model = to_camera.T
+    for bone, parent, (a, b) in segments:
         seen = (w3[:, a] > 0) & (w3[:, b] > 0)
-        # The target in the body's rest frame, then in Anny's axes.
-        target = np.einsum("tji,tj->ti", rots, world[:, b] - world[:, a]) @ to_anny.T
-        rest = np.broadcast_to((rest_kp[b] - rest_kp[a]) @ to_anny.T, target.shape)
+        # The target in the body's rest frame, then in the model's axes.
+        target = np.einsum("tji,tj->ti", rots, world[:, b] - world[:, a]) @ to_model.T
+        rest = np.broadcast_to((rest_kp[b] - rest_kp[a]) @ to_model.T, target.shape)
         if parent is not None:
             # A child bone's rotation acts after its parent's: undo the parent's.
             prot = Rotation.from_rotvec(np.nan_to_num(out[parent]))
@@ -590,7 +675,7 @@ def limb_pose_from_world(
         rv = swing(rest, target)
         axes, low, high = limits[bone]
         comp = np.clip(rv @ axes.T, low, high)
-        if bone in HINGE_BONES:
+        if bone in hinge_bones:
             comp[:, 1:] = 0.0  # a hinge only flexes
         rv = comp @ axes
         out[bone] = np.where(seen[:, None], rv, np.nan)
@@ -664,22 +749,23 @@ class Anchor:
 class Fitter:
     """Fits windows of frames for several tracks at once."""
 
-    def __init__(self, body: AnnyBody, config: FitConfig):
-        self.body = body
+    def __init__(self, body: Any, config: FitConfig, spec: BodySpec | None = None):
+        self.body = body  # AnnyBody or SmplFamilyBody
         self.config = config
-        self.bones = body_bone_indices(body)
-        self.km = KeypointModel(body, self.bones)
-        self.stiffness = torch.tensor(list(BODY_BONES.values()), device=body.device,
+        self.spec = spec = spec if spec is not None else body_spec(body)
+        self.bones = [spec.bone_index(name) for name in spec.bones]
+        self.km = spec.keypoint_model(self.bones)
+        self.stiffness = torch.tensor(list(spec.bones.values()), device=body.device,
                                       dtype=body.dtype)
-        self.hinges = _hinge_axes(self.km, self.bones)
-        self.limits = joint_limits(self.km, list(BODY_BONES))
+        self.hinges = _hinge_axes(self.km, body, spec, self.bones)
+        self.limits = joint_limits(self.km, body, spec)
         relaxed = torch.zeros(len(self.bones), 3, device=body.device, dtype=body.dtype)
-        for k, name in enumerate(BODY_BONES):
-            if name in RELAXED:
-                relaxed[k] = torch.as_tensor(RELAXED[name], device=body.device,
+        for k, name in enumerate(spec.bones):
+            if name in spec.relaxed:
+                relaxed[k] = torch.as_tensor(spec.relaxed[name], device=body.device,
                                              dtype=body.dtype) @ self.limits.axes[k]
         self.relaxed = relaxed  # (B, 3) axis-angle, the pose prior's mean
-        self.bone_ends = [BONE_ENDS[name] for name in BODY_BONES]
+        self.bone_ends = [spec.bone_ends[name] for name in spec.bones]
         self.camera = (1.0, 1.0, 0.0, 0.0)  # fx, fy, cx, cy of the video being fitted
 
     def keypoints(self, win: Window, rest: RestBody | None = None) -> torch.Tensor:
@@ -810,7 +896,7 @@ class Fitter:
                 if full:
                     loss = loss + self._pose_prior(win.pose, stiff).sum()
                 if shape_free:
-                    dev = win.phenotype - 0.5
+                    dev = win.phenotype - self.spec.shape_mean
                     loss = loss + cfg.w_shape_prior * n * (dev * dev).sum()
                 if temporal:
                     loss = loss + self._smoothness(win, anchor)
@@ -819,8 +905,8 @@ class Fitter:
                 sched.step()
                 with torch.no_grad():
                     win.transl[..., 2].clamp_(min=MIN_DEPTH)
-                    if shape_free:
-                        win.phenotype.clamp_(0.0, 1.0)
+                    if shape_free and self.spec.shape_bounds is not None:
+                        win.phenotype.clamp_(*self.spec.shape_bounds)
             for p in params:
                 p.requires_grad_(False)
 
@@ -884,16 +970,22 @@ class FitStage(Stage):
     """detect/<id>/people.npz -> fit/<id>/bodies.npz (see stages/__init__.py)."""
 
     name = "fit"
-    version = "2"
+    version = "3"
     requires = ("detect",)
     config_model = FitConfig
+    shared_sections = ("body",)
     resources = Resources(cpus=1.0, gpus=0.0)
 
     config: FitConfig
 
     def setup(self) -> None:
         device = resolve_device(self.config.device)
-        self.body = load_body(device)
+        # A missing SMPL-family file fails here, naming body.model_path: a config error
+        # stops the run rather than failing every video.
+        if self.config.source == "file" and body_section(self).model == "anny":
+            raise ValueError("fit.source: file reads SMPL-family parameters: set body.model "
+                             "to smpl, smplh or smplx (and body.model_path)")
+        self.body = load_body_model(body_section(self), device)
         self.fitter = Fitter(self.body, self.config)
 
     def teardown(self) -> None:
@@ -913,6 +1005,8 @@ class FitStage(Stage):
         camera = camera_for(width, height, self.config.fov_deg)
         det = load_detections(job.inputs["detect"] / "people.npz", self.config.min_visibility,
                               frames, height)
+        if self.config.source == "file":
+            return self._from_file(job, det, camera)
         self.fitter.camera = tuple(float(c) for c in camera)
         t, p = det.present.shape
         if p == 0:
@@ -922,13 +1016,31 @@ class FitStage(Stage):
             track = self._fit_video(det, camera, job)
             return self._write(job.out_dir, det, track, camera)
 
+    def _from_file(self, job: VideoJob, det: Detections, camera: np.ndarray) -> dict[str, Any]:
+        """fit.source: file: the bodies another tool estimated, scored against detect's."""
+        from stages.fit_source import load_body_params, reprojection_error, source_path
+
+        assert self.config.source_dir is not None
+        path = source_path(self.config.source_dir, job.video.id)
+        t = det.present.shape[0]
+        arrays = load_body_params(path, self.body, t, camera, body_section(self).model)
+        arrays["fit_error"] = reprojection_error(
+            arrays["joints3d"], arrays["present"], arrays["camera"], det.kp, det.w2d
+        ).astype(np.float32)
+        job.advance(t)
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(job.out_dir / "bodies.npz", **arrays)
+        errors = arrays["fit_error"][np.isfinite(arrays["fit_error"])]
+        return {"body_model": self.body.kind, "tracks": int(arrays["present"].shape[1]),
+                "mean_fit_error_px": float(errors.mean()) if errors.size else None,
+                "phenotype_labels": list(self.body.shape_labels), "source": str(path)}
+
     def _fit_video(self, det: Detections, camera: np.ndarray, job: VideoJob) -> Track:
         cfg = self.config
         t, p = det.present.shape
         nb = len(self.fitter.bones)
-        k = len(PHENOTYPE_LABELS)
         track = Track(np.zeros((t, p, nb, 3)), np.broadcast_to(np.eye(3), (t, p, 3, 3)).copy(),
-                      np.zeros((t, p, 3)), np.full((p, k), 0.5))
+                      np.zeros((t, p, 3)), self._default_shape(p))
         one_window = t <= cfg.chunk_frames
         if not one_window and cfg.shape_frames > 0:
             track.phenotype = self._fit_shapes(det, camera)
@@ -987,13 +1099,15 @@ class FitStage(Stage):
         if not self.config.init_limbs_from_world:
             return pose
         lim = self.fitter.limits
-        names = list(BODY_BONES)
+        spec = self.fitter.spec
+        names = list(spec.bones)
         limits = {name: (lim.axes[k].cpu().double().numpy(), lim.low[k].cpu().double().numpy(),
                          lim.high[k].cpu().double().numpy()) for k, name in enumerate(names)}
         to_camera = self.fitter.km.to_camera.cpu().double().numpy()
         for i in range(p):
             limbs = limb_pose_from_world(rest_kp[i], world[i], w3[i] * valid[i][:, None],
-                                         rots[i], to_camera, limits)
+                                         rots[i], to_camera, limits, spec.limb_segments,
+                                         spec.hinge_bones)
             for bone, rv in limbs.items():
                 pose[i, :, names.index(bone)] = rv
         return pose
@@ -1030,7 +1144,7 @@ class FitStage(Stage):
             obs.valid[i, dup] = False
             obs.w2d[i, torch.as_tensor(dup)] = 0.0
             obs.w3d[i, torch.as_tensor(dup)] = 0.0
-        phen = np.full((p, len(PHENOTYPE_LABELS)), 0.5)
+        phen = self._default_shape(p)
         rots, transl, limbs = self._init_window(obs, phen, camera)
         relaxed = self.fitter.relaxed.cpu().double().numpy()
         win = self._window(rots, transl, np.where(np.isnan(limbs), relaxed, limbs), phen)
@@ -1090,6 +1204,10 @@ class FitStage(Stage):
                       tensor(track.transl[last].transpose(1, 0, 2)),
                       torch.as_tensor(flags, device=dev))
 
+    def _default_shape(self, tracks: int) -> np.ndarray:
+        """(P, K): the average shape (Anny: phenotype 0.5; SMPL family: betas 0)."""
+        return self.body.default_shape(tracks).cpu().double().numpy()
+
     # -- output
 
     def _finish(self, det: Detections, track: Track, camera: np.ndarray,
@@ -1133,7 +1251,7 @@ class FitStage(Stage):
     def _write(self, out_dir: Path, det: Detections, track: Track | None,
                camera: np.ndarray) -> dict[str, Any]:
         t, p = det.present.shape
-        j, k = self.body.num_bones, len(PHENOTYPE_LABELS)
+        j, k = self.body.num_bones, len(self.body.shape_labels)
         if track is None:
             arrays = {"pose": np.zeros((t, p, j, 3)), "root_orient": np.zeros((t, p, 3)),
                       "transl": np.zeros((t, p, 3)), "phenotype": np.zeros((p, k)),
@@ -1148,10 +1266,10 @@ class FitStage(Stage):
         errors = out["fit_error"][det.present]
         errors = errors[np.isfinite(errors)]
         return {
-            "body_model": "anny",
+            "body_model": self.body.kind,
             "tracks": int(p),
             "mean_fit_error_px": float(errors.mean()) if errors.size else None,
-            "phenotype_labels": list(PHENOTYPE_LABELS),
+            "phenotype_labels": list(self.body.shape_labels),
         }
 
 

@@ -7,17 +7,24 @@ Methods:
   contrast at `color_match_strength`, colour cast at half that, so clothing colours
   survive; statistics smoothed over time so the avatar does not flicker) and an optional
   soft contact shadow under the feet.
-- sd-inpaint: a diffusion back-end is planned (it will read a local diffusers folder named
-  by `model`); this version does not have it and says so instead of pretending.
-- auto: the best available method; in this version always classical (logged).
+- sd-inpaint: the classical composite, then Stable Diffusion inpainting (diffusers, a local
+  model folder or checkpoint, offline) repaints each avatar and a band of `band_px` around
+  its silhouette at low `strength`, so edges, lighting and contact shadows match while the
+  pose and identity stay (stages/sd_inpaint.py). Prompts describe each track's sampled
+  appearance (render/identities.json). The model sees only the composite, never the source
+  frame; pixels outside the repainted regions are exactly the classical composite's.
+- auto: sd-inpaint when `model` is set and a CUDA device is present, classical otherwise
+  (the log says which).
 
-sensitivity.mkv: 0 where a pixel is synthesized (avatar alpha > 0 after feathering, or
-image-inpainted by the inpaint stage), 255 where it is still real background. The contact
-shadow only darkens real background, so those pixels stay sensitive.
+sensitivity.mkv: 0 where a pixel is synthesized (avatar alpha > 0 after feathering,
+repainted by sd-inpaint, or image-inpainted by the inpaint stage), 255 where it is still
+real background. The contact shadow only darkens real background, so those pixels stay
+sensitive.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -30,16 +37,30 @@ from pipeline.config import ConfigError, Section
 from pipeline.stage import Resources, Stage, VideoFailed, VideoJob
 from pipeline.video import VideoWriter
 from stages.compositing import check_size, dilate, fps_of, iter_aligned, video_info
+from stages.sd_inpaint import (
+    FlickerMeter,
+    FrameData,
+    Harmonizer,
+    Repainter,
+    SDOptions,
+    check_controlnet_path,
+    check_model_path,
+    load_pipeline,
+    track_prompts,
+)
 
 log = logging.getLogger(__name__)
 
 SD_NEEDS_MODEL = (
-    "harmonize.method=sd-inpaint needs harmonize.model (a local diffusers folder); "
-    "not available in this version"
+    "harmonize.method=sd-inpaint needs harmonize.model (a local diffusers inpainting folder "
+    "or a .safetensors/.ckpt checkpoint)"
 )
-SD_NOT_AVAILABLE = (
-    "harmonize.method=sd-inpaint is not available in this version (harmonize.model is kept "
-    "for it); use harmonize.method=classical or auto"
+DEFAULT_PROMPT = (
+    "a photo of {person}, natural light, realistic shadows and skin, film grain, sharp focus"
+)
+DEFAULT_NEGATIVE = (
+    "cartoon, 3d render, cgi, plastic, doll, painting, blurry, deformed, extra limbs, "
+    "text, watermark, halo, outline"
 )
 # Colour casts are matched at this fraction of color_match_strength (clothing keeps its hue).
 CHROMA_SHARE = 0.5
@@ -49,10 +70,21 @@ GAIN_RANGE = (0.5, 2.0)
 
 class HarmonizeConfig(Section):
     method: Literal["classical", "sd-inpaint", "auto"] = Field(
-        "classical", description="classical compositing; sd-inpaint is not in this version"
+        "classical", description="classical compositing, sd-inpaint (Stable Diffusion over the "
+        "classical composite), or auto (sd-inpaint with a model and CUDA, else classical)"
     )
     model: str | None = Field(
-        None, description="local diffusers inpainting folder (for method=sd-inpaint)"
+        None, description="local diffusers inpainting folder or .safetensors/.ckpt checkpoint"
+    )
+    checkpoint_config: str | None = Field(
+        None, description="for a single-file model: a local diffusers folder of the same "
+        "architecture (configs and tokenizer) used instead of fetching them"
+    )
+    controlnet: str | None = Field(
+        None, description="local diffusers ControlNetModel folder, conditioned on avatar depth"
+    )
+    controlnet_scale: float = Field(
+        1.0, ge=0.0, le=2.0, description="strength of the ControlNet conditioning"
     )
     feather_px: float = Field(
         3.0, ge=0.0, le=100.0, description="width of the soft avatar edge, inside the silhouette"
@@ -71,21 +103,88 @@ class HarmonizeConfig(Section):
         0.8, ge=0.0, lt=1.0,
         description="weight of the previous frames in the colour statistics (0: per frame)",
     )
+    band_px: int = Field(
+        12, ge=1, le=200, description="sd-inpaint: width of the repainted band around each avatar"
+    )
+    band_feather_px: float = Field(
+        6.0, ge=0.0, le=100.0,
+        description="sd-inpaint: the repaint fades in over this width inside the band's edge",
+    )
+    strength: float = Field(
+        0.4, gt=0.0, le=1.0, description="sd-inpaint: denoising strength (low keeps the avatar)"
+    )
+    steps: int = Field(
+        25, ge=1, le=200, description="sd-inpaint: scheduler steps at strength 1 (runs "
+        "steps x strength of them)"
+    )
+    guidance: float = Field(
+        5.0, ge=0.0, le=30.0, description="sd-inpaint: classifier-free guidance scale (<= 1: off)"
+    )
+    seed: int = Field(0, ge=0, description="sd-inpaint: noise seed (with the track id)")
+    resolution: int = Field(
+        512, ge=16, le=2048, description="sd-inpaint: side of the square crop the model sees"
+    )
+    prompt: str = Field(
+        DEFAULT_PROMPT, description="sd-inpaint: prompt; {person} is the track's appearance"
+    )
+    negative_prompt: str = Field(DEFAULT_NEGATIVE, description="sd-inpaint: negative prompt")
+    keyframe_every: int = Field(
+        1, ge=1, le=1000, description="sd-inpaint: repaint every N-th frame, carry between"
+    )
+    keyframe_carry: Literal["track", "flow"] = Field(
+        "track", description="sd-inpaint keyframes: carry the repaint along the avatar's own "
+        "motion (instance masks) or along optical flow"
+    )
+    batch_size: int = Field(4, ge=1, le=256, description="sd-inpaint: crops per model call")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="sd-inpaint: device")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="sd-inpaint: weights dtype (auto: float16 on CUDA, float32 on CPU)"
+    )
+    cpu_offload: bool = Field(
+        False, description="sd-inpaint: keep idle model parts in CPU memory (CUDA only)"
+    )
+    compile: bool = Field(False, description="sd-inpaint: torch.compile the UNet")
 
     @model_validator(mode="after")
-    def _sd_needs_model(self) -> HarmonizeConfig:
+    def _sd_checks(self) -> HarmonizeConfig:
         if self.method == "sd-inpaint" and not self.model:
             raise ValueError(SD_NEEDS_MODEL)
+        if self.method != "classical" and int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps x strength = {self.steps * self.strength:g} runs no "
+                             "denoising step; raise steps or strength")
+        if self.resolution % 8:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of 8")
         return self
+
+    def sd_options(self) -> SDOptions:
+        assert self.model
+        return SDOptions(
+            model=self.model, checkpoint_config=self.checkpoint_config, controlnet=self.controlnet,
+            controlnet_scale=self.controlnet_scale, device=self.device, dtype=self.dtype,
+            cpu_offload=self.cpu_offload, compile=self.compile, resolution=self.resolution,
+            steps=self.steps, strength=self.strength, guidance=self.guidance, seed=self.seed,
+            batch_size=self.batch_size, prompt=self.prompt, negative_prompt=self.negative_prompt,
+        )
 
 
 def resolve_method(cfg: HarmonizeConfig) -> str:
-    """The method this version runs for the configured one (raises ConfigError when none)."""
-    if cfg.method == "sd-inpaint":
-        raise ConfigError(SD_NEEDS_MODEL if not cfg.model else SD_NOT_AVAILABLE)
-    if cfg.method == "auto":
-        log.info("harmonize.method=auto: using classical (sd-inpaint not in this version)")
-    return "classical"
+    """classical or sd-inpaint; for sd-inpaint the model paths are checked (ConfigError)."""
+    method = cfg.method
+    if method == "auto":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        method = "sd-inpaint" if cfg.model and cuda else "classical"
+        why = ("a model is set and CUDA is present" if method == "sd-inpaint"
+               else "no harmonize.model" if not cfg.model else "no CUDA device")
+        log.info("harmonize.method=auto: using %s (%s)", method, why)
+    if method == "sd-inpaint":
+        if not cfg.model:
+            raise ConfigError(SD_NEEDS_MODEL)
+        check_model_path(cfg.model, cfg.checkpoint_config)
+        if cfg.controlnet:
+            check_controlnet_path(cfg.controlnet)
+    return method
 
 
 def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, slice]:
@@ -223,7 +322,7 @@ class Compositor:
 
 class HarmonizeStage(Stage):
     name = "harmonize"
-    version = "1"
+    version = "2"
     requires = ("render", "inpaint")
     config_model = HarmonizeConfig
     resources = Resources(cpus=1.0)
@@ -231,28 +330,44 @@ class HarmonizeStage(Stage):
 
     def setup(self) -> None:
         self.method = resolve_method(self.config)
+        self.pipe = load_pipeline(self.config.sd_options()) if self.method == "sd-inpaint" \
+            else None
+
+    def teardown(self) -> None:
+        self.pipe = None
 
     def process(self, job: VideoJob) -> dict[str, Any]:
-        method = getattr(self, "method", None) or resolve_method(self.config)
+        if getattr(self, "method", None) is None:
+            self.setup()
         inpaint, render = Path(job.inputs["inpaint"]), Path(job.inputs["render"])
-        plate_path, filled_path = inpaint / "plate.mkv", inpaint / "filled.mkv"
-        avatar_path = render / "avatar.mkv"
-        for path in (plate_path, filled_path, avatar_path):
+        sources = [(inpaint / "plate.mkv", "rgb24"), (inpaint / "filled.mkv", "gray"),
+                   (render / "avatar.mkv", "rgba")]
+        if self.method == "sd-inpaint":
+            sources.append((render / "instances.mkv", "gray"))
+            if self.config.controlnet:
+                sources.append((render / "depth.mkv", "gray16le"))
+        for path, _ in sources:
             if not path.is_file():
                 raise VideoFailed(f"{path.parent.parent.name}/{job.video.id}/{path.name} missing")
-        info = video_info(job, plate_path)
+        info = video_info(job, sources[0][0])
         width, height, total = int(info["width"]), int(info["height"]), int(info["frame_count"])
         compositor = Compositor(self.config)
-        sources = [(plate_path, "rgb24"), (filled_path, "gray"), (avatar_path, "rgba")]
+        sd = self._harmonizer(render) if self.method == "sd-inpaint" else None
+        flicker = {"sd": FlickerMeter(), "classical": FlickerMeter()}
 
-        t, coverage, sensitive = 0, 0.0, 0.0
+        t, coverage, sensitive, repainted = 0, 0.0, 0.0, 0.0
         fps = fps_of(info)
         out = job.out_dir
         with (
             VideoWriter(out / "composite.mkv", fps, width, height, "rgb") as comp_w,
             VideoWriter(out / "sensitivity.mkv", fps, width, height, "gray") as sens_w,
         ):
-            for plates, filled, avatars in iter_aligned(sources, job.run.chunk_frames):
+            def emit(composites: np.ndarray, sens: np.ndarray) -> None:
+                comp_w.write_chunk(composites)
+                sens_w.write_chunk(sens)
+
+            for chunk in iter_aligned(sources, job.run.chunk_frames):
+                plates, filled, avatars = chunk[:3]
                 for frames, what in ((plates, "inpaint plate.mkv"), (avatars, "avatar.mkv")):
                     check_size(frames, width, height, what)
                 composites = np.empty_like(plates)
@@ -262,16 +377,85 @@ class HarmonizeStage(Stage):
                     synth |= filled[j] > 127
                     sens[j] = np.where(synth, 0, 255)
                     coverage += float((avatars[j][..., 3] > 0).mean())
-                    sensitive += 1.0 - float(synth.mean())
-                comp_w.write_chunk(composites)
-                sens_w.write_chunk(sens)
+                if sd is None:
+                    sensitive += float((sens == 255).mean(axis=(1, 2)).sum())
+                    emit(composites, sens)
+                else:
+                    done = sd.push(self._frame_data(t, composites, chunk[3:], sens))
+                    repainted, sensitive = self._emit_sd(done, flicker, emit,
+                                                         repainted, sensitive)
                 t += len(plates)
                 job.advance(len(plates))
+            if sd is not None:
+                repainted, sensitive = self._emit_sd(sd.flush(), flicker, emit,
+                                                     repainted, sensitive)
         if t != total:
             raise VideoFailed(f"harmonize read {t} frames, expected {total}")
-        return {
-            "method": method,
+        summary = {
+            "method": self.method,
             "frames": t,
             "mean_avatar_coverage": round(coverage / max(t, 1), 6),
             "mean_sensitive_fraction": round(sensitive / max(t, 1), 6),
         }
+        if sd is not None:
+            summary.update({
+                "mean_repainted_fraction": round(repainted / max(t, 1), 6),
+                "repainted_crops": sd.repainted_crops,
+                "keyframe_every": self.config.keyframe_every,
+                "flicker_band": {k: None if m.value is None else round(m.value, 4)
+                                 for k, m in flicker.items()},
+            })
+        return summary
+
+    # -- sd-inpaint ------------------------------------------------------------------
+
+    def _harmonizer(self, render: Path) -> Harmonizer:
+        if getattr(self, "pipe", None) is None:
+            self.pipe = load_pipeline(self.config.sd_options())
+        identities_path = render / "identities.json"
+        identities = json.loads(identities_path.read_text()) if identities_path.is_file() \
+            else None
+        prompts = track_prompts(identities, self.config.prompt)
+        repainter = Repainter(self.pipe, self.config.sd_options())
+        return Harmonizer(repainter, prompts, self.config.keyframe_every,
+                          self.config.keyframe_carry, self.config.band_feather_px)
+
+    def _frame_data(self, t0: int, composites: np.ndarray, extra: tuple[np.ndarray, ...],
+                    sens: np.ndarray) -> list[FrameData]:
+        instances = extra[0]
+        depth = extra[1] if len(extra) > 1 else None
+        check_size(instances, composites.shape[2], composites.shape[1], "instances.mkv")
+        frames = []
+        for j in range(len(composites)):
+            # Slot s is drawn as s + 1 in instances.mkv (0 = no avatar).
+            regions = {int(v) - 1: dilate(instances[j] == v, self.config.band_px)
+                       for v in np.unique(instances[j]) if v > 0}
+            frames.append(FrameData(
+                index=t0 + j, composite=composites[j], regions=regions,
+                instances=instances[j], depth=None if depth is None else depth[j],
+                sensitivity=sens[j]))
+        return frames
+
+    @staticmethod
+    def _emit_sd(done: list[FrameData], flicker: dict[str, FlickerMeter], emit: Any,
+                 repainted: float, sensitive: float) -> tuple[float, float]:
+        """Write finished frames; returns the running sums of repainted and sensitive
+        fractions."""
+        if not done:
+            return repainted, sensitive
+        composites, sens = [], []
+        for f in done:
+            assert f.output is not None and f.repainted is not None
+            assert f.sensitivity is not None
+            s = np.where(f.repainted, 0, f.sensitivity).astype(np.uint8)
+            region = np.zeros_like(f.repainted)
+            for r in f.regions.values():
+                region |= r
+            flicker["sd"].update(f.output, region)
+            flicker["classical"].update(f.composite, region)
+            composites.append(f.output)
+            sens.append(s)
+            repainted += float(f.repainted.mean())
+            sensitive += float((s == 255).mean())
+        emit(np.stack(composites), np.stack(sens))
+        return repainted, sensitive

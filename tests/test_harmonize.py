@@ -188,17 +188,22 @@ def test_sd_inpaint_without_model_is_a_config_error(tmp_path):
         HarmonizeConfig(method="sd-inpaint")
     cfg_file = tmp_path / "p.yaml"
     cfg_file.write_text("harmonize:\n  method: sd-inpaint\n")
-    with pytest.raises(ConfigError, match="not available in this version"):
+    with pytest.raises(ConfigError, match="needs harmonize.model"):
         load_config(cfg_file, {"harmonize": HarmonizeConfig})
 
 
-def test_sd_inpaint_with_model_refuses_at_setup_and_auto_is_classical(tmp_path):
+def test_sd_inpaint_with_an_empty_model_folder_names_what_is_missing(tmp_path):
     stage = HarmonizeStage(HarmonizeConfig(method="sd-inpaint", model=str(tmp_path)),
                            RunSection())
-    with pytest.raises(ConfigError, match="not available in this version"):
+    with pytest.raises(ConfigError, match="missing: model_index.json, unet, vae"):
         stage.setup()
-    summary, *_ = run_stage(tmp_path, HarmonizeConfig(method="auto"))
+
+
+def test_auto_without_model_is_classical(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="stages.harmonize"):
+        summary, *_ = run_stage(tmp_path, HarmonizeConfig(method="auto"))
     assert summary["method"] == "classical"
+    assert "using classical (no harmonize.model)" in caplog.text
 
 
 def test_after_inpaint_synthesized_plate_pixels_are_not_sensitive(tmp_path):

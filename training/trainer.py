@@ -110,17 +110,24 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dataset_root: Path, out_dir: Path,
-                 input_root: Path | None = None):
+    def __init__(self, cfg: TrainConfig, dataset_root: Path | None, out_dir: Path,
+                 input_root: Path | None = None,
+                 records: tuple[list[VideoRecord], list[str]] | None = None):
+        """Train on the exported dataset at `dataset_root`, or on `records` (videos and
+        label names already in memory, e.g. with audit canaries planted)."""
         self.cfg = cfg
         self.out = out_dir
         self.out.mkdir(parents=True, exist_ok=True)
         dev = cfg.optim.device
         self.device = torch.device("cuda" if dev == "auto" and torch.cuda.is_available()
                                    else ("cpu" if dev == "auto" else dev))
-        records, self.labels = load_dataset(dataset_root, cfg.data, input_root=input_root)
-        self.train = [r for r in records if r.split == "train"]
-        self.test = [r for r in records if r.split == "test"]
+        if records is None:
+            if dataset_root is None:
+                raise ValueError("no dataset: give its folder or the records")
+            records = load_dataset(dataset_root, cfg.data, input_root=input_root)
+        videos, self.labels = records
+        self.train = [r for r in videos if r.split == "train"]
+        self.test = [r for r in videos if r.split == "test"]
         if not self.train:
             raise ValueError(f"{dataset_root}: no training videos")
         torch.manual_seed(cfg.optim.seed)
@@ -293,6 +300,13 @@ class Trainer:
             logits = self.model(x.to(self.device)).mean(0)
             correct += int(int(logits.argmax()) == rec.label)
         return {"accuracy": correct / len(records), "videos": len(records)}
+
+    @torch.no_grad()
+    def loss_of(self, record: VideoRecord) -> float:
+        """Mean loss over the evaluation clips of one video, with its label."""
+        self.model.eval()
+        x, _, y, _ = batch_of([record], self.cfg.data, self.cfg.data.eval_clips, None)
+        return float(loss_per_sample(self.model(x.to(self.device)), y.to(self.device)).mean())
 
     # ---- the run ---------------------------------------------------------------------
     def fit(self, stop_after_epochs: int | None = None) -> dict[str, Any]:
