@@ -1,7 +1,7 @@
 """A tiny exported dataset for training tests, in the export stage's layout.
 
-Two classes: a bright "avatar" square or a wide bar moving across a random textured
-background (shape, not direction, tells them apart: a tiny model learns it in seconds).
+Two classes: a bright "avatar" square or a wide bar moving across a random smooth
+background (shape and colour tell them apart: a tiny model learns it in seconds).
 The mask marks the moving shape as synthesized (black) and the background as sensitive
 (white), as the pipeline's sensitivity mask does.
 """
@@ -28,8 +28,13 @@ def write_exported_dataset(root: Path, per_class: int = 6, frames: int = 16, siz
         for k in range(per_class):
             vid = f"{label}/{label}_{k:02d}"
             (root / label).mkdir(exist_ok=True)
-            background = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+            # A smooth random background (a colour ramp): the shape, not the background,
+            # has to tell the classes apart.
+            ramp = np.linspace(0.0, 1.0, size)[None, :, None]
+            a, b = rng.integers(0, 160, size=(2, 3))
+            background = np.broadcast_to(a + (b - a) * ramp, (size, size, 3)).astype(np.uint8)
             bh, bw = (size // 4, size // 4) if label == "square" else (size // 8, size // 2)
+            colour = (250, 240, 40) if label == "square" else (40, 240, 250)
             y0 = int(rng.integers(0, size - bh))
             with VideoWriter(root / f"{vid}.mp4", Fraction(10), size, size, "h264") as out, \
                     VideoWriter(root / f"{vid}.mask.mp4", Fraction(10), size, size,
@@ -37,7 +42,7 @@ def write_exported_dataset(root: Path, per_class: int = 6, frames: int = 16, siz
                 for t in range(frames):
                     x0 = round((size - bw) * t / (frames - 1))
                     frame = background.copy()
-                    frame[y0:y0 + bh, x0:x0 + bw] = (250, 240, 40)
+                    frame[y0:y0 + bh, x0:x0 + bw] = colour
                     mask = np.full((size, size), 255, np.uint8)
                     mask[y0:y0 + bh, x0:x0 + bw] = 0
                     out.write(frame)

@@ -29,13 +29,32 @@ def train_paths(cfg: Config) -> tuple[TrainConfig, Path, Path]:
     return section, dataset, out
 
 
+def _distributed_from_env() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); False when alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = torch.distributed
+    if world <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
 def train(cfg: Config) -> dict[str, Any]:
     section, dataset, out = train_paths(cfg)
+    joined = _distributed_from_env()
+    if joined and torch.cuda.is_available() and section.optim.device == "auto":
+        section.optim.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         trainer = Trainer(section, dataset, out, input_root=cfg.run.input)
+        summary = trainer.fit()
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"train: {exc}") from exc
-    summary = trainer.fit()
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     summary["run_folder"] = str(out)
     return summary
 

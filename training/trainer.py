@@ -16,9 +16,15 @@ the noise multiplier comes from the target ε, δ, q and the number of steps, as
 make_private_with_epsilon computes it.
 
 Checkpoints (after every epoch, written atomically) hold the model, the optimizer, the
-scheduler, the accountant's history, the step and the random generators, so a killed run
-resumes from its last epoch with its accounting exact: the steps of the unfinished epoch
-were never released and are redone, counted once.
+scheduler, the accountant's history and the step; every random draw is a function of
+(seed, step), so a killed run resumes from its last epoch exactly as it would have gone on,
+with its accounting exact: the steps of the unfinished epoch were never released and are
+redone, counted once.
+
+Data parallel (launched by torchrun, gloo on CPU, NCCL on GPUs): every rank draws the same
+Poisson sample and processes its share of the videos; rank 0 alone adds the noise; the sums
+are all-reduced, so all ranks take the same step and the accounting is a single process's
+(as Opacus' DPDDP does).
 """
 
 from __future__ import annotations
@@ -160,8 +166,12 @@ class Trainer:
             self.optimizer, (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
             if cfg.optim.schedule == "cosine" else (lambda s: 1.0))
         self.step = 0
-        self.rng = np.random.default_rng(cfg.optim.seed)
-        self.noise_gen = torch.Generator().manual_seed(cfg.optim.seed + 1)
+        # Data parallel (torchrun): every rank draws the same Poisson sample and takes its
+        # share of the videos; rank 0 alone adds the noise; the sums are all-reduced.
+        dist = torch.distributed
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() \
+            else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
         self.history: list[dict[str, Any]] = []
         self.dataset_root = dataset_root
         self._gsm: nn.Module | None = None
@@ -184,8 +194,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "accountant": list(self.accountant.history), "step": self.step,
-                "rng": self.rng.bit_generator.state, "noise": self.noise_gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": self.history,
+                "history": self.history,
                 "sigma": self.sigma, "labels": self.labels,
                 "config": json.loads(self.cfg.model_dump_json())}
 
@@ -201,9 +210,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.accountant.history = [tuple(h) for h in state["accountant"]]
         self.step = state["step"]
-        self.rng.bit_generator.state = state["rng"]
-        self.noise_gen.set_state(state["noise"])
-        torch.set_rng_state(state["torch_rng"])
         self.history = state["history"]
         self.sigma = state["sigma"]
         log.info("resumed %s at step %d (ε spent %s)", self.checkpoint_path, self.step,
@@ -217,10 +223,16 @@ class Trainer:
             self._gsm = GradSampleModule(self.model, loss_reduction="sum")
         return self._gsm
 
-    def _chunk_sum(self, videos: list[VideoRecord]) -> tuple[list[torch.Tensor], float, int]:
+    def _rng(self, purpose: int, rank: int = 0) -> np.random.Generator:
+        """The step's own generator: a function of (seed, step, purpose, rank), so a resumed
+        run draws exactly what an uninterrupted one would, with no state to save."""
+        return np.random.default_rng([self.cfg.optim.seed, self.step, purpose, rank])
+
+    def _chunk_sum(self, videos: list[VideoRecord], rng: np.random.Generator
+                   ) -> tuple[list[torch.Tensor], float, int]:
         """Σ over these videos of their (clipped) contributions; summed loss; clips."""
         cfg, p = self.cfg, self.cfg.privacy
-        x, m, y, g = batch_of(videos, cfg.data, cfg.data.clips_per_video, self.rng)
+        x, m, y, g = batch_of(videos, cfg.data, cfg.data.clips_per_video, rng)
         x, m, y, g = (t.to(self.device) for t in (x, m, y, g))
         params = [q for q in self.model.parameters() if q.requires_grad]
         if p.mode == "maskdp":
@@ -261,22 +273,38 @@ class Trainer:
         gsm.zero_grad(set_to_none=True)
         return grads, float(losses.detach().sum()), len(y)
 
+    def _all_reduce(self, grads: list[torch.Tensor], loss: float, clips: int
+                    ) -> tuple[list[torch.Tensor], float, int]:
+        flat = torch.cat([g.reshape(-1) for g in grads] + [
+            torch.tensor([loss, float(clips)], dtype=grads[0].dtype, device=grads[0].device)])
+        torch.distributed.all_reduce(flat)
+        out, at = [], 0
+        for g in grads:
+            out.append(flat[at:at + g.numel()].view_as(g))
+            at += g.numel()
+        return out, float(flat[at]), int(round(float(flat[at + 1])))
+
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        chosen = np.flatnonzero(self.rng.random(len(self.train)) < self.sample_rate)
+        chosen = np.flatnonzero(self._rng(0).random(len(self.train)) < self.sample_rate)
+        mine = chosen[self.rank::self.world]
+        augment = self._rng(1, self.rank)
         params = [q for q in self.model.parameters() if q.requires_grad]
         total = [torch.zeros_like(q) for q in params]
         loss_sum, clips = 0.0, 0
         self.model.train()
-        for start in range(0, len(chosen), cfg.optim.physical_batch):
-            videos = [self.train[i] for i in chosen[start:start + cfg.optim.physical_batch]]
-            grads, loss, n = self._chunk_sum(videos)
+        for start in range(0, len(mine), cfg.optim.physical_batch):
+            videos = [self.train[i] for i in mine[start:start + cfg.optim.physical_batch]]
+            grads, loss, n = self._chunk_sum(videos, augment)
             for acc, gr in zip(total, grads, strict=True):
                 acc += gr
             loss_sum += loss
             clips += n
-        if cfg.privacy.mode != "none":
-            total = add_noise(total, self.sigma, cfg.privacy.clip, self.noise_gen)
+        if cfg.privacy.mode != "none" and self.rank == 0:
+            noise = torch.Generator().manual_seed(int(self._rng(2).integers(2**62)))
+            total = add_noise(total, self.sigma, cfg.privacy.clip, noise)
+        if self.world > 1:
+            total, loss_sum, clips = self._all_reduce(total, loss_sum, clips)
         expected = self.sample_rate * len(self.train)
         for q, gr in zip(params, total, strict=True):
             q.grad = (gr / expected).to(q.dtype)
@@ -332,8 +360,11 @@ class Trainer:
                    "epsilon": self.epsilon(), "delta": self.delta,
                    "seconds": round(time.perf_counter() - started, 2)}
             self.history.append(row)
-            _atomic_save(self._state(), self.checkpoint_path)
-            _atomic_json(self.summary(), self.out / "metrics.json")
+            if self.rank == 0:
+                _atomic_save(self._state(), self.checkpoint_path)
+                _atomic_json(self.summary(), self.out / "metrics.json")
+            if self.world > 1:
+                torch.distributed.barrier()
             log.info("epoch %d: loss %.3f, test accuracy %.3f, ε %s", epoch, row["loss"],
                      row["test_accuracy"], row["epsilon"])
         return self.summary()
