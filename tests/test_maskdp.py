@@ -153,3 +153,31 @@ def test_noise_for_target_epsilon_spends_at_most_it():
     assert epsilon_spent(sigma * 1.2, 0.02, 500, 1e-5) < eps
     assert default_delta(10**6) == pytest.approx(1e6 ** -1.1)
     assert default_delta(1000) == 1e-5
+
+
+def test_dpsgd_hooks_and_ghost_equal_the_per_sample_reference():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from training.maskdp import dpsgd_gradient_ghost, dpsgd_gradient_hooks
+
+    model = tiny_model()
+    x, _, y = batch()
+    clip = 0.05
+    params = list(model.parameters())
+    ref = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
+        norm = torch.sqrt(sum((t * t).sum() for t in g))
+        for acc, t in zip(ref, g, strict=True):
+            acc += t * min(1.0, clip / float(norm))
+    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
+    hooks, n_hooks = dpsgd_gradient_hooks(gsm, loss_fn, x, y, clip)
+    gsm._close()
+    ghost_module = GradSampleModuleFastGradientClipping(model, loss_reduction="sum",
+                                                        use_ghost_clipping=True)
+    ghost, n_ghost = dpsgd_gradient_ghost(ghost_module, loss_fn, x, y, clip)
+    ghost_module._close()
+    assert (n_hooks > clip).all()
+    assert torch.allclose(n_ghost, n_hooks, rtol=1e-3)
+    assert torch.allclose(flat(hooks), flat(ref), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(flat(ghost), flat(ref), rtol=1e-3, atol=1e-6)

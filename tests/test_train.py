@@ -139,3 +139,15 @@ def test_two_gloo_ranks_take_identical_steps_with_one_process_accounting(dataset
     assert single.step == r0["step"]
     assert r0["epsilon"] == pytest.approx(single.epsilon(), rel=1e-9)
     assert (tmp_path / "ddp" / "metrics.json").is_file()
+
+
+def test_ghost_clipping_trains_and_needs_one_clip_per_video(dataset, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="clips_per_video"):
+        config("dpsgd", epochs=1, epsilon=2.0, dpsgd_mode="ghost")
+    data = json.loads(config("dpsgd", epochs=1, epsilon=2.0).model_dump_json())
+    data["data"]["clips_per_video"] = 1
+    data["privacy"]["dpsgd_mode"] = "ghost"
+    summary = Trainer(TrainConfig.model_validate(data), dataset, tmp_path / "ghost").fit()
+    assert summary["steps"] > 0 and 0 < summary["epsilon"] <= 2.0

@@ -149,3 +149,55 @@ def add_noise(grads: Sequence[torch.Tensor], noise_multiplier: float, clip: floa
     return [g + std * torch.randn(g.shape, generator=generator, dtype=g.dtype,
                                   device="cpu" if generator is not None else g.device
                                   ).to(g.device) for g in grads]
+
+
+# ---- full-input DP-SGD, the baseline --------------------------------------------------
+
+def dpsgd_gradient_hooks(
+    model: nn.Module,  # an opacus GradSampleModule with loss_reduction="sum"
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip: float,
+    groups: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Σ over videos of clip_C(mean-over-clips gradient), from materialized per-sample
+    gradients; and the per-video norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).sum().backward()
+    index, count = _group_index(groups, x.shape[0], x.device)
+    per_video = [_group_mean(p.grad_sample, index, count) for p in params]
+    norms = torch.sqrt(sum(v.reshape(count, -1).pow(2).sum(1) for v in per_video))
+    w = clip_factors(norms, clip)
+    grads = [(w.view(-1, *([1] * (v.dim() - 1))) * v).sum(0) for v in per_video]
+    model.zero_grad(set_to_none=True)
+    return grads, norms
+
+
+def dpsgd_gradient_ghost(
+    model: nn.Module,  # an opacus GradSampleModuleFastGradientClipping, loss_reduction="sum"
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip: float,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The same sum by ghost clipping (one clip per video): a first backward in which
+    Opacus' hooks compute the per-sample norms without materializing gradients, then one
+    backward of the loss reweighted by min(1, C / norm)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.max_grad_norm = clip
+    model.zero_grad(set_to_none=True)
+    losses = loss_fn(model(x), y)
+    losses.sum().backward(retain_graph=True)
+    norms = model.get_norm_sample().detach()
+    coeff = clip_factors(norms, clip).to(losses.device)
+    model.zero_grad(set_to_none=True)
+    model.disable_hooks()
+    try:
+        (coeff * losses).sum().backward()
+    finally:
+        model.enable_hooks()
+    grads = [p.grad.detach().clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    return grads, norms

@@ -7,7 +7,8 @@ q = batch_size / N, every video independently, as Opacus' sampler), takes
 
 - none:   Σ_videos mean-over-clips gradient (no clipping, no noise);
 - dpsgd:  Σ_videos clip_C(mean-over-clips gradient) + N(0, σ²C²): per-sample gradients
-          from Opacus' GradSampleModule (hooks);
+          from Opacus' GradSampleModule ("hooks") or, with one clip per video, Opacus'
+          ghost clipping (norms without materializing per-sample gradients);
 - maskdp: Σ_videos [public gradient + clip_C(Δ)] + N(0, σ²C²) (training/maskdp.py).
 
 then divides by the expected batch size q·N (as Opacus does) and steps the optimizer. The
@@ -39,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from pipeline.config import Section
@@ -47,7 +48,8 @@ from training.accounting import default_delta, make_accountant, noise_for_epsilo
 from training.data import DataConfig, VideoRecord, batch_of, load_dataset
 from training.maskdp import (
     add_noise,
-    clip_factors,
+    dpsgd_gradient_ghost,
+    dpsgd_gradient_hooks,
     maskdp_gradient_efficient,
     maskdp_gradient_naive,
     public_surrogate,
@@ -69,6 +71,9 @@ class PrivacyConfig(Section):
     accountant: Literal["rdp", "prv"] = Field("prv", description="Opacus accountant")
     filler: float = Field(0.5, ge=0.0, le=1.0,
                           description="constant that replaces sensitive pixels in x̄ (no data)")
+    dpsgd_mode: Literal["hooks", "ghost"] = Field(
+        "hooks", description="dpsgd: per-sample gradients (hooks) or ghost clipping (norms "
+        "without materializing gradients; needs train.data.clips_per_video 1)")
     maskdp_form: Literal["efficient", "naive"] = Field(
         "efficient", description="stacked-batch MaskDP or the two-pass reference")
 
@@ -97,6 +102,14 @@ class TrainConfig(Section):
     model: ModelConfig = ModelConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _ghost_needs_one_clip(self) -> TrainConfig:
+        if (self.privacy.mode == "dpsgd" and self.privacy.dpsgd_mode == "ghost"
+                and self.data.clips_per_video != 1):
+            raise ValueError("train.privacy.dpsgd_mode ghost clips each clip, not each video: "
+                             "set train.data.clips_per_video to 1")
+        return self
 
 
 def loss_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -228,6 +241,15 @@ class Trainer:
         run draws exactly what an uninterrupted one would, with no state to save."""
         return np.random.default_rng([self.cfg.optim.seed, self.step, purpose, rank])
 
+    def _ghost_module(self) -> nn.Module:
+        if self._gsm is None:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+            self._gsm = GradSampleModuleFastGradientClipping(
+                self.model, loss_reduction="sum", use_ghost_clipping=True,
+                max_grad_norm=self.cfg.privacy.clip)
+        return self._gsm
+
     def _chunk_sum(self, videos: list[VideoRecord], rng: np.random.Generator
                    ) -> tuple[list[torch.Tensor], float, int]:
         """Σ over these videos of their (clipped) contributions; summed loss; clips."""
@@ -246,32 +268,23 @@ class Trainer:
             with torch.no_grad():
                 loss = float(loss_per_sample(self.model(x), y).sum())
             return grads, loss, len(y)
-        # Per-video mean over its clips: weight 1 / clips of that video.
-        counts = torch.bincount(g)[g].to(x.dtype)
         if p.mode == "none":
+            # Per-video mean over its clips: weight 1 / clips of that video.
+            counts = torch.bincount(g)[g].to(x.dtype)
             self.model.zero_grad(set_to_none=True)
             losses = loss_per_sample(self.model(x), y)
             (losses / counts).sum().backward()
             grads = [q.grad.detach().clone() for q in params]
             self.model.zero_grad(set_to_none=True)
             return grads, float(losses.detach().sum()), len(y)
-        gsm = self._grad_sample_module()
-        gsm.zero_grad(set_to_none=True)
-        losses = loss_per_sample(gsm(x), y)
-        (losses / counts).sum().backward()
-        # grad_sample of a clip times its weight: average the clips of each video.
-        n_videos = len(videos)
-        per_video = []
-        for q in params:
-            gs = q.grad_sample
-            acc = torch.zeros((n_videos, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
-            acc.index_add_(0, g, gs)
-            per_video.append(acc)
-        norms = torch.sqrt(sum(v.reshape(n_videos, -1).pow(2).sum(1) for v in per_video))
-        w = clip_factors(norms, p.clip)
-        grads = [(w.view(-1, *([1] * (v.dim() - 1))) * v).sum(0) for v in per_video]
-        gsm.zero_grad(set_to_none=True)
-        return grads, float(losses.detach().sum()), len(y)
+        if p.dpsgd_mode == "ghost":
+            grads, _ = dpsgd_gradient_ghost(self._ghost_module(), loss_per_sample, x, y, p.clip)
+        else:
+            grads, _ = dpsgd_gradient_hooks(self._grad_sample_module(), loss_per_sample, x, y,
+                                            p.clip, g)
+        with torch.no_grad():
+            loss = float(loss_per_sample(self.model(x), y).sum())
+        return grads, loss, len(y)
 
     def _all_reduce(self, grads: list[torch.Tensor], loss: float, clips: int
                     ) -> tuple[list[torch.Tensor], float, int]:
