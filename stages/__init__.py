@@ -38,8 +38,10 @@ render/<id>/
     instances.mkv  gray8: 1 + the track slot (index into fit's track_ids) of the avatar seen
                  at each pixel centre, 255 for slot 254 and beyond, 0 = none; not
                  antialiased, agrees with depth.mkv pixel for pixel
-    identities.json  per track: slot, track_id, estimated_phenotype, the sampled appearance
-                 (phenotype, skin tone, hair, head cover, clothes, seed)
+    identities.json  body_model, phenotype_labels (the body model's shape labels: Anny
+                 phenotype or beta0..), per track: slot, track_id, estimated_phenotype,
+                 the sampled appearance (phenotype or betas, skin tone, hair, head cover,
+                 clothes: top pattern, bottom style incl. skirt/dress and its pattern, seed)
 
 inpaint/<id>/
     plate.mkv    rgb, the clean plate: the real people removed

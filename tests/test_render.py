@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.config import RunSection
 from pipeline.dataset import VideoItem
@@ -186,8 +187,16 @@ def test_avatar_covers_the_fitted_body_and_depth_is_metric(stage, tmp_path):
 def test_clothes_and_skin_colours_show_up(stage, tmp_path):
     phen = _own_phenotype(stage, 0, 7)[None]
     _write_fit(stage, tmp_path / "fit", [0.0], phen, np.ones((T, 1), bool), [7])
+    # Plain garments (textured patterns carry a fabric grain, tested below).
+    pal = load_palettes()
+    pal["clothing"]["top_patterns"] = [{"name": "solid"}]
+    pal["clothing"]["bottom_patterns"] = [{"name": "solid"}]
+    pal["clothing"]["bottoms"] = [{"name": "trousers", "length": 1.0}]
+    palette = tmp_path / "plain.yaml"
+    palette.write_text(yaml.safe_dump(pal))
     # Ambient light only: every pixel shows its region's colour unshaded.
-    flat = RenderStage(_config(ambient=1.0, key_light=0.0), RunSection(chunk_frames=3))
+    flat = RenderStage(_config(ambient=1.0, key_light=0.0, palette=palette),
+                       RunSection(chunk_frames=3))
     flat.setup()
     job = _job(tmp_path, "out")
     flat.process(job)
@@ -657,3 +666,146 @@ def test_head_covers_hide_hair_and_ears_not_the_face(stage):
     covers = {sample_identity(identity_seed(2, "v", i), stage.palettes).head_cover["style"]
               for i in range(60)}
     assert covers == {"none", "beanie", "headscarf"}
+
+
+# ------------------------------------------------------------------ garments, patterns
+
+
+def _render_one(stage, ident, pose: np.ndarray, orient, size=(200, 300), focal=330.0):
+    """One avatar at 3 m, fixed flat light: RGBA and the COCO-23 keypoints (camera)."""
+    from stages.rendering import vertex_normals
+
+    body = stage.body
+    with torch.no_grad():
+        out = body.forward(torch.as_tensor(pose)[None],
+                           torch.as_tensor(ident.phenotype_vector(body.shape_labels))[None],
+                           torch.tensor([orient], dtype=torch.float32),
+                           torch.tensor([[0.0, 0.0, 3.0]]))
+    v, kps = out["vertices"][0].numpy(), out["keypoints"][0].numpy()
+    pm = stage.regions.paint(ident)
+    pv = pm.vertices(v)
+    mesh = MeshData(pv, pm.faces, pm.colors, uv=pm.uv, texture=pm.texture,
+                    normals=pm.normals(pv, vertex_normals(v, body.faces)))
+    w, h = size
+    with OffscreenRenderer(w, h) as r:
+        rgba, _ = r.render([mesh], focal, focal, w / 2, h / 2 - 20,
+                           Lighting(ambient=1.0, key_intensity=0.0))
+    return rgba, kps, focal, (w / 2, h / 2 - 20)
+
+
+def test_a_skirt_spans_the_gap_between_the_legs_in_a_stride(stage):
+    body = stage.body
+    pose = np.zeros((body.num_bones, 3), np.float32)
+    pose[body.bone_index("upperleg01.L"), 0] = -0.5  # a walking stride, seen from the side
+    pose[body.bone_index("upperleg01.R"), 0] = 0.5
+    base = sample_identity(11, stage.palettes)
+    looks = {
+        "trousers": _with(base, bottom={"style": "trousers", "length": 1.0}),
+        "skirt": _with(base, bottom={"style": "midi-skirt", "garment": "skirt",
+                                     "length": 0.75, "flare": 0.2}),
+    }
+    gap = {}
+    for name, ident in looks.items():
+        rgba, kps, f, (cx, cy) = _render_one(stage, ident, pose, [0.0, np.pi / 2, 0.0])
+        k = {n: kps[COCO23.index(n)] for n in COCO23}
+        line = np.linspace(k["left_knee"], k["right_knee"], 25)[4:-4]  # between the knees
+        u = np.rint(f * line[:, 0] / line[:, 2] + cx).astype(int)
+        v = np.rint(f * line[:, 1] / line[:, 2] + cy).astype(int)
+        gap[name] = float((rgba[v, u, 3] == 0).mean())
+        if name == "skirt":
+            ident_rgb = np.asarray(ident.bottom["rgb"])
+            assert np.abs(rgba[v, u, :3].astype(int) - ident_rgb).max() <= 4
+    assert gap["trousers"] > 0.5  # trousers leave the gap between the legs open
+    assert gap["skirt"] == 0.0  # the skirt's cloth covers it
+
+
+def test_bottoms_include_skirts_and_dresses_in_the_tops_colour():
+    pal = load_palettes()
+    idents = [sample_identity(identity_seed(2, "v", i), pal) for i in range(300)]
+    styles = {i.bottom["style"] for i in idents}
+    assert {"trousers", "shorts", "skirt", "dress"} <= styles
+    for ident in idents:
+        if ident.bottom["style"] == "dress":
+            assert ident.bottom["garment"] == "skirt" and ident.bottom["rgb"] == ident.top["rgb"]
+        assert (ident.bottom.get("garment") == "skirt") == ("skirt" in ident.bottom["style"]
+                                                           or ident.bottom["style"] == "dress")
+
+
+def _chest_line(rgba, kps, focal, centre, n=80):
+    """Pixels (n, 3) along a horizontal line across the chest, inside the shoulders."""
+    k = {name: kps[COCO23.index(name)] for name in COCO23}
+    shoulder = (k["left_shoulder"] + k["right_shoulder"]) / 2
+    hip = (k["left_hip"] + k["right_hip"]) / 2
+    y = shoulder + 0.35 * (hip - shoulder)
+    half = 0.6 * (k["left_shoulder"] - k["right_shoulder"]) / 2
+    pts = np.linspace(y - half, y + half, n)
+    u = np.rint(focal * pts[:, 0] / pts[:, 2] + centre[0]).astype(int)
+    v = np.rint(focal * pts[:, 1] / pts[:, 2] + centre[1]).astype(int)
+    assert (rgba[v, u, 3] == 255).all()
+    metres = float(np.linalg.norm(pts[-1] - pts[0]))
+    return rgba[v, u, :3].astype(int), metres
+
+
+def test_uv_patterns_show_at_their_period_and_differ(stage):
+    pose = np.zeros((stage.body.num_bones, 3), np.float32)
+    base = sample_identity(21, stage.palettes)
+    black, white = [20, 20, 20], [235, 235, 235]
+    runs, images = {}, {}
+    for pattern, period in (("checks", 0.04), ("checks", 0.1), ("dots", 0.05),
+                            ("plaid", 0.1)):
+        ident = _with(base, top={"pattern": pattern, "stripe_period": period, "rgb": black,
+                                 "rgb2": white, "sleeves": "long", "sleeve_length": 1.0},
+                      head_cover={"style": "none"})
+        assert "top" in stage.regions.textures(ident)
+        rgba, kps, f, c = _render_one(stage, ident, pose, [0.0, 0.0, 0.0], size=(240, 400),
+                                      focal=600.0)
+        images[(pattern, period)] = rgba
+        if pattern == "checks":
+            line, metres = _chest_line(rgba, kps, f, c)
+            # Pixels are mostly one of the two colours (grain, filtering at the edges).
+            light = line.mean(axis=1) > 128
+            assert (np.abs(line - np.where(light[:, None], white, black)) < 60).mean() > 0.75
+            changes = int((light[1:] != light[:-1]).sum())
+            runs[period] = changes
+            # About one change per period/2 of chest width (the UV layout stretches a bit).
+            expected = metres / (period)
+            assert 0.4 * expected < changes < 2.0 * expected + 1, (period, changes, expected)
+    assert runs[0.04] > 1.5 * runs[0.1]
+    # Different patterns (same colours) look different on the torso.
+    torso = (slice(100, 220), slice(80, 160))
+    a, b = images[("dots", 0.05)][torso], images[("plaid", 0.1)][torso]
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 20
+
+
+def test_pattern_tiles_repeat_at_their_period():
+    from stages.appearance import TEXTURE_PATTERNS, pattern_tile
+
+    # 2 m of body across the tile: a 0.1 m check is 25.6 texels.
+    tile = pattern_tile("checks", 0.1, [0, 0, 0], [255, 255, 255], 2.0, seed=1, size=512)
+    row = tile[10, :, 0] > 128
+    assert int((row[1:] != row[:-1]).sum()) == pytest.approx(2.0 / 0.1, abs=1)
+    tiles = {p: pattern_tile(p, 0.08, [200, 40, 40], [40, 40, 200], 2.0, 3, 128)
+             for p in TEXTURE_PATTERNS}
+    for p, t in tiles.items():
+        assert t.shape == (128, 128, 3) and t.dtype == np.uint8
+        assert t.std() > 3, p  # never flat
+    keys = list(tiles)
+    for i, p in enumerate(keys):
+        for q in keys[i + 1:]:
+            assert np.abs(tiles[p].astype(int) - tiles[q].astype(int)).mean() > 5, (p, q)
+    with pytest.raises(ValueError):
+        pattern_tile("stripes", 0.1, [0, 0, 0], [1, 1, 1], 2.0, 0)
+
+
+def test_smpl_bodies_have_no_uv_so_patterns_are_plain(smpl_model_dir):
+    from stages.appearance import BodyRegions
+    from stages.smpl_family import SmplFamilyBody
+
+    regions = BodyRegions.from_body(SmplFamilyBody("smpl", smpl_model_dir))
+    ident = _with(sample_identity(4, load_palettes()), top={"pattern": "plaid",
+                                                              "stripe_period": 0.1})
+    assert regions.textures(ident) == {}
+    painted = regions.paint(ident)
+    assert painted.texture is None and painted.uv is None
+    top = painted.colors[painted.faces[painted.face_region == REGIONS.index("top")]]
+    assert (top == np.asarray(ident.top["rgb"])).all()
