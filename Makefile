@@ -53,6 +53,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m pipeline.bench --out bench/results
 	$(BIN)/python -m pipeline.bench_bodies --out bench/results
+	$(BIN)/python -m training.bench --out bench/results
 
 lint: setup
 	$(BIN)/ruff check pipeline stages training assets tests

@@ -84,17 +84,21 @@ def maskdp_gradient_efficient(
     index, count = _group_index(groups, n, x.device)
     samples = []
     for p in params:
-        gs = p.grad_sample  # (2N, ...) per-sample gradients of the stacked batch
-        samples.append((_group_mean(gs[:n], index, count), _group_mean(gs[n:], index, count)))
+        gs = p.grad_sample.reshape(2 * n, -1)  # per-sample gradients of the stacked batch
+        if groups is None:  # one clip per video: views, no copies
+            samples.append((gs[:n], gs[n:]))
+        else:
+            samples.append((_group_mean(gs[:n], index, count),
+                            _group_mean(gs[n:], index, count)))
+    # ||f - p||^2 = f.f + p.p - 2 f.p, row by row, without materializing f - p.
     sq = torch.zeros(count, dtype=x.dtype, device=x.device)
     for full, public in samples:
-        sq += (full - public).reshape(count, -1).pow(2).sum(1)
-    norms = sq.sqrt()
+        sq += (torch.einsum("ni,ni->n", full, full) + torch.einsum("ni,ni->n", public, public)
+               - 2 * torch.einsum("ni,ni->n", full, public))
+    norms = sq.clamp(min=0).sqrt()
     w = clip_factors(norms, clip)
-    grads = []
-    for full, public in samples:
-        shape = (-1, *([1] * (full.dim() - 1)))
-        grads.append((w.view(shape) * full + (1.0 - w).view(shape) * public).sum(0))
+    grads = [(w @ full + (1.0 - w) @ public).view_as(p)
+             for p, (full, public) in zip(params, samples, strict=True)]
     model.zero_grad(set_to_none=True)
     return grads, norms
 
@@ -166,11 +170,15 @@ def dpsgd_gradient_hooks(
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     loss_fn(model(x), y).sum().backward()
-    index, count = _group_index(groups, x.shape[0], x.device)
-    per_video = [_group_mean(p.grad_sample, index, count) for p in params]
-    norms = torch.sqrt(sum(v.reshape(count, -1).pow(2).sum(1) for v in per_video))
+    n = x.shape[0]
+    index, count = _group_index(groups, n, x.device)
+    per_video = []
+    for p in params:
+        gs = p.grad_sample.reshape(n, -1)
+        per_video.append(gs if groups is None else _group_mean(gs, index, count))
+    norms = torch.sqrt(sum(torch.einsum("ni,ni->n", v, v) for v in per_video))
     w = clip_factors(norms, clip)
-    grads = [(w.view(-1, *([1] * (v.dim() - 1))) * v).sum(0) for v in per_video]
+    grads = [(w @ v).view_as(p) for p, v in zip(params, per_video, strict=True)]
     model.zero_grad(set_to_none=True)
     return grads, norms
 
