@@ -1,18 +1,44 @@
 """The inpaint stage: a clean plate, the source frames with the real people removed.
 
 Which pixels are removed: the detect mask above `mask_threshold`, dilated by `dilate_px`
-(soft edges, hair, and part of the shadow), plus the padded box of any detected person
-whose box the mask (almost) does not cover (segmentation missed them).
+(soft edges, hair), an ellipse centred on each detected person's feet (the box's bottom
+edge; `shadow_height` x the box height by `shadow_width` x its width: contact and cast
+shadow), plus the padded box of any detected person whose box the mask (almost) does not
+cover (segmentation missed them).
 
 What a removed pixel becomes, in order of preference:
 1. temporal background: among the frames of a window of `window_frames` frames centred
    on the current one (both directions), the samples where that pixel was not removed;
-   their median by luminance, so the value is a colour really observed there;
+   their median by luminance, so the value is a colour observed there;
 2. long-term memory: the pixel's last robust estimate from before the window (the median
    of a window's samples, refreshed every half window), for a person who stood still
    longer than the window;
-3. image inpainting (cv2.inpaint, Telea or Navier-Stokes) for pixels never seen uncovered.
-   Only these are flagged in filled.mkv: they are synthesized, the rest is real background.
+3. with a moving camera (`view_fill`), for background never seen: the same image position
+   in nearby frames, not aligned, where their surroundings match the current frame (the
+   surface a little further along the pan: texture of the right kind, not the true
+   background there);
+4. image inpainting (cv2.inpaint, Telea or Navier-Stokes) for what is left.
+   3 and 4 are flagged in filled.mkv: they are synthesized, the rest is real background.
+A sample (or the memory) that shows the detected person where they are now, because the
+detector missed them in that frame (over half of the person's pixels within
+`person_match` of their current colours), is not used: the median of such samples would
+paste the person back.
+
+Moving cameras (`align`): every frame's motion is tracked (stages/camera_motion.py: KLT or
+ORB homography on background pixels, ECC fallback, checked against "no motion") as a
+transform to the first frame of its shot. Each sample keeps its transform; at frame t, a
+sample from another viewpoint is resampled (bilinear) into t's coordinates at the removed
+and ring pixels only, and a sample pixel counts only where it lands inside that sample and
+none of the four pixels read was covered. The long-term memory is resampled into the
+current view when refreshed. A static camera yields exactly the same transform for every
+frame, so samples are read in place as without alignment. Frames the tracker cannot place
+keep their predecessor's transform and rely on the ring check (see BackgroundWindow) to
+drop samples that do not line up. Cost per frame (2-core CPU): tracking at the 320 px
+analysis size, about 5 ms (KLT against the keyframe; ORB and ECC only when that fails);
+for a moving camera, resampling at about 14 ns per removed or ring pixel and sample
+(cv2.perspectiveTransform and two cv2.remap), against about 4 ns to read in place, and a
+full-frame resampling of the memory every half window. No extra frame memory: one reduced
+grey keyframe and two 3x3 matrices per sample.
 
 Memory is bounded and does not grow with video length. The source and the mask are decoded
 twice in lockstep: a "lead" reader half a window ahead of the writer feeds a ring buffer of
@@ -24,7 +50,7 @@ the frame size, scaled down only when that would exceed `buffer_mb`. With the de
 (90-frame window, 30 samples: 32 slots): 640x480 takes 51 MB, 1920x1080 346 MB (full
 resolution under the 384 MB default). On top of that: one chunk of `run.chunk_frames`
 frames for the writer, one for the lead, and temporaries of about 12 bytes per removed
-pixel and sample.
+pixel and sample (16 with alignment: the resampled colours and luma).
 """
 
 from __future__ import annotations
@@ -42,6 +68,14 @@ from pydantic import Field
 from pipeline.config import Section
 from pipeline.stage import Resources, Stage, VideoFailed, VideoJob
 from pipeline.video import VideoWriter
+from stages.camera_motion import (
+    IDENTITY,
+    CameraTracker,
+    MotionEstimator,
+    displacement_px,
+    invert,
+    rescale,
+)
 from stages.compositing import (
     check_size,
     dilate,
@@ -55,12 +89,16 @@ log = logging.getLogger(__name__)
 
 # Sort keys pack (luminance << 8 | sample index): at most 256 samples per window.
 _MAX_SLOTS = 256
-# Stored instead of a sample's luminance where the pixel is covered (removed).
-INVALID_LUMA = 1023
+# Stored instead of a sample's luminance where the pixel is covered (removed). The largest
+# uint16: a resampled (bilinear) luma above 255 then means a covered or outside pixel
+# weighs more than 255/65535 (0.4 %) in the mix, i.e. could shift its colour by a level.
+INVALID_LUMA = 65535
 # Ring pixels compared per sample when checking that it shows the same background.
 _RING_SAMPLES = 4096
 # Samples per pixel in the long-term memory's median (its cost is per pixel and sample).
 _MEMORY_SLOTS = 15
+# Views closer than this (px at any frame corner) are the same: samples are read in place.
+_SAME_VIEW_PX = 0.25
 
 
 class InpaintConfig(Section):
@@ -116,6 +154,39 @@ class InpaintConfig(Section):
         0.05, ge=0.0, le=1.0, description="mask fraction of a box below which the box is removed"
     )
     box_pad: float = Field(0.1, ge=0.0, le=1.0, description="box padding, fraction of its size")
+    person_match: float = Field(
+        12.0, ge=0.0, le=255.0,
+        description="a sample that matches the detected person's current colours (within "
+        "this, mean abs 0-255) at over half of the person's pixels shows the person (the "
+        "detector missed them in that frame) and is not used as background; 0: off",
+    )
+    shadow_height: float = Field(
+        0.08, ge=0.0, le=1.0,
+        description="also remove an ellipse centred on each person's feet (box bottom) for "
+        "the cast shadow: its vertical half-axis, fraction of the box height; 0: off",
+    )
+    shadow_width: float = Field(
+        1.2, ge=0.0, le=4.0, description="the shadow ellipse's width, fraction of the box width"
+    )
+    align: bool = Field(
+        True,
+        description="estimate the camera motion (homography on background features, ECC "
+        "fallback) and warp background samples into the current frame; false: samples are "
+        "used where they lie (static cameras)",
+    )
+    view_fill: bool = Field(
+        True,
+        description="with a moving camera, pixels whose background was never seen fall back "
+        "on nearby frames read at the same image position (unaligned) where their "
+        "surroundings match, before image inpainting; flagged as synthesized",
+    )
+    align_max_side: int = Field(
+        320, ge=64, le=4096, description="camera motion is estimated at most at this size"
+    )
+    align_min_inliers: int = Field(
+        20, ge=6, le=1000,
+        description="feature matches consistent with one homography needed to accept it",
+    )
 
 
 def auto_dilate_px(width: int, height: int) -> int:
@@ -168,7 +239,8 @@ def image_inpaint(
 
 
 class Remover:
-    """The removal mask of frame i: thresholded, dilated mask plus the box fallback."""
+    """The removal mask of frame i: thresholded, dilated mask, plus a shadow ellipse under
+    every detected person's feet, plus the box fallback."""
 
     def __init__(
         self,
@@ -181,6 +253,7 @@ class Remover:
         self.dilate_px = dilate_px
         self.boxes, self.present = boxes, present
         self.min_cover, self.pad = cfg.box_min_cover, cfg.box_pad
+        self.shadow_h, self.shadow_w = cfg.shadow_height, cfg.shadow_width
 
     def __call__(self, i: int, mask: np.ndarray) -> tuple[np.ndarray, bool]:
         person = mask > self.threshold
@@ -189,10 +262,12 @@ class Remover:
         if self.boxes is None or i >= len(self.boxes):
             return removed, used_box
         height, width = mask.shape
+        extra = np.zeros((height, width), np.uint8)
         for p in np.flatnonzero(self.present[i]):
             box = self.boxes[i, p]
             if not np.all(np.isfinite(box)):
                 continue
+            self._shadow(extra, box)
             x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
             x1, y1 = min(width, int(math.ceil(box[2]))), min(height, int(math.ceil(box[3])))
             if x1 <= x0 or y1 <= y0:
@@ -200,22 +275,40 @@ class Remover:
             if person[y0:y1, x0:x1].mean() >= self.min_cover:
                 continue
             px, py = self.pad * (x1 - x0), self.pad * (y1 - y0)
-            if removed is person:  # dilate() may return its input unchanged
-                removed = removed.copy()
-            removed[max(0, int(y0 - py)):min(height, int(math.ceil(y1 + py))),
-                    max(0, int(x0 - px)):min(width, int(math.ceil(x1 + px)))] = True
+            extra[max(0, int(y0 - py)):min(height, int(math.ceil(y1 + py))),
+                  max(0, int(x0 - px)):min(width, int(math.ceil(x1 + px)))] = 1
             used_box = True
+        if extra.any():
+            removed = removed | extra.astype(bool)
         return removed, used_box
+
+    def _shadow(self, canvas: np.ndarray, box: np.ndarray) -> None:
+        """A person's contact and cast shadow lie on the floor around the feet, wider than
+        the legs and partly below them: an ellipse centred on the box's bottom edge."""
+        bw, bh = float(box[2] - box[0]), float(box[3] - box[1])
+        axes = (round(self.shadow_w * bw / 2), round(self.shadow_h * bh))
+        if self.shadow_h <= 0 or self.shadow_w <= 0 or min(axes) < 1:
+            return
+        centre = (round(float(box[0] + box[2]) / 2), round(float(box[3])))
+        cv2.ellipse(canvas, centre, axes, 0.0, 0.0, 360.0, 1, thickness=-1)
 
 
 class BackgroundWindow:
     """Ring buffer of background samples around the current frame, fed by a lead reader.
 
+    With `align` on, every frame's camera motion is tracked (stages.camera_motion): each
+    sample keeps its transform to the first frame of its shot, and samples (and the
+    long-term memory) taken from another viewpoint are resampled into the current frame's
+    coordinates, bilinearly, at the removed pixels only. A sample contributes where its
+    warped position lies inside its image and none of the four source pixels was covered.
+    Where the viewpoint did not change (a static camera: the tracker reports exactly the
+    same transform) samples are read in place, as without alignment.
+
     Two guards keep samples that show another view out of the median: a sample is used
     only within the current shot (a scene cut is where consecutive frames differ by more
-    than `cut_threshold`), and only when the background just around the removed region
-    (a ring of uncovered pixels) matches the current frame within `max_sample_diff`
-    (camera motion, lighting changes).
+    than `cut_threshold` and the camera tracker could not match them), and only when the
+    background just around the removed region (a ring of uncovered pixels) matches the
+    current frame within `max_sample_diff` (failed alignment, lighting changes).
 
     The long-term memory is not the last value seen (that would keep a person who walked
     in undetected) but the last robust estimate: every half window, the masked median of
@@ -244,9 +337,14 @@ class BackgroundWindow:
         # Luminance of each sample (INVALID_LUMA where covered): the median's sort key.
         self.luma = np.full((n, n_px), INVALID_LUMA, np.uint16)
         self.index = np.full(n, -1, np.int64)
+        # Each sample's transform to its shot's first frame (full-resolution pixels), and
+        # its inverse.
+        self.slot_to_shot = np.repeat(IDENTITY[None], n, axis=0)
+        self.slot_from_shot = np.repeat(IDENTITY[None], n, axis=0)
         self.memory = np.zeros((n_px, 3), np.uint8) if cfg.long_term_memory else None
         # Frame at which each pixel's estimate was made (-1: none yet).
         self.memory_at = np.full(n_px, -1, np.int32) if cfg.long_term_memory else None
+        self.memory_to_shot = IDENTITY.copy()  # the memory lies in this view's coordinates
         self.next_refresh = 0
         self.cuts: list[int] = []  # first frame of each new shot
         # A fixed spread of pixels to compare consecutive frames with (cut detection).
@@ -254,6 +352,17 @@ class BackgroundWindow:
         self.probe = np.linspace(0, full_px - 1, min(full_px, 4096)).astype(np.int64)
         self.prev_probe: tuple[np.ndarray, np.ndarray] | None = None
         self.next_lead = 0
+        self.tracker = (
+            CameraTracker(MotionEstimator(max_side=cfg.align_max_side,
+                                          min_inliers=cfg.align_min_inliers))
+            if cfg.align else None
+        )
+        # Transform to the shot's first frame of the frames read but not yet written.
+        self.to_shot: dict[int, np.ndarray] = {}
+        self.warped_samples = 0  # sample lookups that needed resampling (stats)
+        self.view_fill = cfg.view_fill and cfg.align
+        self.person_match = cfg.person_match
+        self.person_like = 0  # samples dropped for showing an undetected person (stats)
 
     def to_buffer(self, frame: np.ndarray, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Frame and removal mask at buffer size; a reduced pixel counts as removed when any
@@ -276,33 +385,54 @@ class BackgroundWindow:
                 break
             i = self.next_lead
             self.next_lead += 1
-            self._check_cut(i, frame, mask)
+            self._track(i, frame, mask)
             if i % self.stride == 0:
                 removed, _ = self.remover(i, mask)
                 self._add(i, *self.to_buffer(frame, removed))
+        for old in [k for k in self.to_shot if k < t]:
+            del self.to_shot[old]
         if self.memory is not None and t >= self.next_refresh:
             self._refresh_memory(t)
             self.next_refresh = t + max(1, self.half)
+
+    def _track(self, i: int, frame: np.ndarray, mask: np.ndarray) -> None:
+        """Camera motion and scene cuts for lead frame i."""
+        aligned = False
+        if self.tracker is not None:
+            person = mask > self.remover.threshold
+            self.to_shot[i], aligned = self.tracker.add(frame, person)
+            # A frame the tracker matched to the shot's view by features is no cut, however
+            # much a pan changed the pixels.
+            aligned = aligned and i > 0 and self.tracker.last_method in ("klt", "features")
+        if self._check_cut(i, frame, mask, aligned) and self.tracker is not None:
+            self.tracker.reset()
+            self.to_shot[i], _ = self.tracker.add(frame, mask > self.remover.threshold)
+        self.to_shot.setdefault(i, IDENTITY)
 
     def _add(self, i: int, frame: np.ndarray, removed: np.ndarray) -> None:
         slot = (i // self.stride) % len(self.index)
         self.frames[slot] = frame.reshape(-1, 3)
         self.luma[slot] = np.where(removed, INVALID_LUMA, luminance(frame)).reshape(-1)
         self.index[slot] = i
+        self.slot_to_shot[slot] = self.to_shot[i]
+        self.slot_from_shot[slot] = invert(self.to_shot[i])
 
-    def _check_cut(self, i: int, frame: np.ndarray, mask: np.ndarray) -> None:
+    def _check_cut(self, i: int, frame: np.ndarray, mask: np.ndarray, aligned: bool) -> bool:
         """Compare frame i with frame i-1 at the probe pixels free of people in both."""
         vals = frame.reshape(-1, 3)[self.probe].astype(np.int16)
         free = mask.reshape(-1)[self.probe] <= self.remover.threshold
+        cut = False
         if self.prev_probe is not None:
             prev_vals, prev_free = self.prev_probe
             both = free & prev_free
             # With people covering most of the view there is no evidence either way.
-            if both.sum() >= 0.1 * len(self.probe):
+            if both.sum() >= 0.1 * len(self.probe) and not aligned:
                 diff = float(np.abs(vals[both] - prev_vals[both]).mean())
                 if diff > self.cut_threshold:
                     self.cuts.append(i)
+                    cut = True
         self.prev_probe = (vals, free)
+        return cut
 
     def shot(self, t: int) -> tuple[int, int]:
         """[first, end) frame indices of the shot holding frame t, as far as read."""
@@ -320,6 +450,75 @@ class BackgroundWindow:
         lo, hi = max(first, t - self.half), min(end - 1, t + self.half)
         return np.flatnonzero((self.index >= lo) & (self.index <= hi))
 
+    def _warp_to(self, source_to_shot: np.ndarray, t: int,
+                 source_from_shot: np.ndarray | None = None) -> np.ndarray | None:
+        """Buffer-pixel homography from frame t to a view with transform `source_to_shot`
+        (and its inverse, if known); None where the views coincide (read in place)."""
+        if self.tracker is None:
+            return None
+        target = self.to_shot.get(t, IDENTITY)
+        if source_to_shot is target or np.array_equal(source_to_shot, target):
+            return None
+        if source_from_shot is None:
+            source_from_shot = invert(source_to_shot)
+        h = source_from_shot @ target
+        if displacement_px(h, (self.width, self.height)) <= _SAME_VIEW_PX:
+            return None
+        if self.scaled:
+            h = rescale(h, self.w / self.width, self.h / self.height)
+        return h
+
+    def _samples(
+        self, t: int, slots: np.ndarray, idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Colours [k, m, 3] and luma [k, m] (INVALID_LUMA: covered or outside) of the
+        samples `slots` at frame t's flat buffer pixels `idx`."""
+        warps = [self._warp_to(self.slot_to_shot[s], t, self.slot_from_shot[s]) for s in slots]
+        if all(h is None for h in warps):
+            return gather(self.frames, slots, idx), gather(self.luma, slots, idx)
+        colours = np.empty((len(slots), len(idx), 3), np.uint8)
+        luma = np.empty((len(slots), len(idx)), np.uint16)
+        maps = grid_of(idx, self.w)
+        for j, (s, h) in enumerate(zip(slots, warps, strict=True)):
+            if h is None:
+                colours[j] = np.take(self.frames[s], idx, axis=0)
+                luma[j] = np.take(self.luma[s], idx)
+                continue
+            colours[j], luma[j] = self._warp_sample(s, h, maps)
+            self.warped_samples += 1
+        return colours, luma
+
+    def _warp_sample(self, s: int, h: np.ndarray,
+                     maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sample s resampled at the pixels `maps` (see grid_of) move to under h: colour,
+        and luma with INVALID_LUMA where a covered or outside pixel enters the mix."""
+        at = cv2.perspectiveTransform(maps, h)
+        colour = remap_points(self.frames[s].reshape(self.h, self.w, 3), at)
+        luma = remap_points(self.luma[s].reshape(self.h, self.w, 1), at, INVALID_LUMA)[:, 0]
+        return colour, np.where(luma > 255, INVALID_LUMA, luma).astype(np.uint16)
+
+    def _memory_at(self, t: int, idx: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """Memory colour [m, 3] at frame t's buffer pixels and whether it is usable there."""
+        h = self._warp_to(self.memory_to_shot, t)
+        if h is None:
+            return self.memory[idx], self.memory_at[idx] >= first
+        colour, usable, _ = self._warp_memory(h, grid_of(idx, self.w), first)
+        return colour, usable
+
+    def _warp_memory(
+        self, h: np.ndarray, maps: np.ndarray, first: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The memory resampled at `maps` moved by h: colour, usable (no pixel without an
+        estimate in this shot enters the mix), and the nearest pixel's frame stamp."""
+        at = cv2.perspectiveTransform(maps, h)
+        size = (self.h, self.w)
+        colour = remap_points(self.memory.reshape(*size, 3), at)
+        unusable = np.where(self.memory_at < first, INVALID_LUMA, 0).astype(np.uint16)
+        mixed = remap_points(unusable.reshape(*size, 1), at, INVALID_LUMA)[:, 0]
+        stamp = remap_points(self.memory_at.astype(np.float32).reshape(*size, 1), at, -1.0,
+                             cv2.INTER_NEAREST)[:, 0]
+        return colour, mixed <= 255, stamp.astype(np.int32)
+
     def _refresh_memory(self, t: int, block: int = 1 << 16) -> None:
         slots = self._window_slots(t)
         if len(slots) > _MEMORY_SLOTS:  # evenly thinned: the cost is per pixel and slot
@@ -327,13 +526,26 @@ class BackgroundWindow:
         need = max(self.min_samples, 3)
         if len(slots) < need:
             return
+        self._move_memory(t)
         for start in range(0, len(self.memory), block):
-            px = slice(start, start + block)
-            row, count = median_pick(self.luma[slots, px])
+            px = np.arange(start, min(start + block, len(self.memory)))
+            colours, luma = self._samples(t, slots, px)
+            row, count = median_pick(luma)
             ok = count >= need
-            colour = self.frames[slots[row], np.arange(px.start, px.start + len(row))]
-            self.memory[px][ok] = colour[ok]
-            self.memory_at[px][ok] = t
+            self.memory[px[ok]] = colours[row, np.arange(len(px))][ok]
+            self.memory_at[px[ok]] = t
+
+    def _move_memory(self, t: int) -> None:
+        """Resample the memory into frame t's view when the camera moved since it was made
+        (once per refresh); pixels that fall outside keep no estimate."""
+        h = self._warp_to(self.memory_to_shot, t)
+        first, _ = self.shot(t)
+        if h is not None:
+            every = grid_of(np.arange(len(self.memory)), self.w)
+            colour, usable, stamp = self._warp_memory(h, every, first)
+            self.memory[:] = colour
+            self.memory_at[:] = np.where(usable, stamp, -1)
+        self.memory_to_shot = self.to_shot.get(t, IDENTITY)
 
     def _ring_scores(
         self, vals: np.ndarray, seen: np.ndarray, around: np.ndarray
@@ -349,34 +561,116 @@ class BackgroundWindow:
         return (score <= self.max_diff) | (count < 16)
 
     def lookup(
-        self, t: int, idx: np.ndarray, ring: np.ndarray, around: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, t: int, idx: np.ndarray, ring: np.ndarray, around: np.ndarray,
+        core: np.ndarray | None = None, person: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Background colour at frame t for flat buffer pixels `idx`; `around` holds the
-        current frame's colours at the flat ring pixels `ring`.
+        current frame's colours at the flat ring pixels `ring`, `person` those at (some of)
+        the detected person's pixels `core`.
 
-        Returns colour [m, 3], from_window [m], from_memory [m] (neither: not seen)."""
+        Returns colour [m, 3], from_window [m], from_memory [m] (the real background) and
+        from_view [m] (a stand-in from another view, see _same_place); none: not seen."""
         slots = self._window_slots(t)
         check = len(ring) > 0 and self.max_diff < 255
+        candidates = slots
         if len(slots) and check:
-            seen = gather(self.luma, slots, ring) != INVALID_LUMA
-            slots = slots[self._consistent(gather(self.frames, slots, ring), seen, around)]
+            ring_colours, ring_luma = self._samples(t, slots, ring)
+            slots = slots[self._consistent(ring_colours, ring_luma != INVALID_LUMA, around)]
+        if len(slots) and core is not None and len(core) and self.person_match > 0:
+            shows = self._shows_person(t, slots, core, person)
+            self.person_like += int(shows.sum())
+            slots = slots[~shows]
         m = len(idx)
         if len(slots):
-            row, count = median_pick(gather(self.luma, slots, idx))
-            colour = self.frames[slots[row], idx]
+            colours, luma = self._samples(t, slots, idx)
+            row, count = median_pick(luma)
+            colour = colours[row, np.arange(m)]
             in_window = count >= self.min_samples
         else:
             colour, in_window = np.zeros((m, 3), np.uint8), np.zeros(m, bool)
         from_memory = np.zeros(m, bool)
         if self.memory is not None:
             first, _ = self.shot(t)
-            from_memory = ~in_window & (self.memory_at[idx] >= first)
+            mem_colour, usable = self._memory_at(t, idx, first)
+            from_memory = ~in_window & usable
             if from_memory.any() and check:
-                seen = (self.memory_at[ring] >= first)[None]
-                if not self._consistent(self.memory[ring][None], seen, around)[0]:
+                ring_mem, seen = self._memory_at(t, ring, first)
+                if not self._consistent(ring_mem[None], seen[None], around)[0]:
                     from_memory[:] = False
-            colour[from_memory] = self.memory[idx[from_memory]]
-        return colour, in_window, from_memory
+            if from_memory.any() and core is not None and len(core) and self.person_match > 0:
+                core_mem, seen = self._memory_at(t, core, first)
+                if self._looks_like(core_mem[None], seen[None], person)[0]:
+                    from_memory[:] = False  # the memory kept an undetected person
+            colour[from_memory] = mem_colour[from_memory]
+        from_view = np.zeros(m, bool)
+        rest = np.flatnonzero(~(in_window | from_memory))
+        if self.view_fill and len(rest):
+            found = self._same_place(t, candidates, idx[rest], ring, around, check)
+            if found is not None:
+                from_view[rest] = found[1]
+                colour[rest[found[1]]] = found[0][found[1]]
+        return colour, in_window, from_memory, from_view
+
+    def _shows_person(self, t: int, slots: np.ndarray, core: np.ndarray,
+                      person: np.ndarray) -> np.ndarray:
+        """Per sample: does it show the person now detected at `core`? Over half of those
+        pixels (where the sample saw anything) within `person_match` of their colour now:
+        the person was there, and the detector missed them in that frame. (A person who
+        arrives or leaves is not at that place in the sample: the colours differ.)"""
+        colours, luma = self._samples(t, slots, core)
+        return self._looks_like(colours, luma != INVALID_LUMA, person)
+
+    def _looks_like(self, colours: np.ndarray, seen: np.ndarray,
+                    person: np.ndarray) -> np.ndarray:
+        near = np.abs(colours.astype(np.int16) - person[None].astype(np.int16)).mean(axis=2)
+        close = (near <= self.person_match) & seen
+        count = seen.sum(axis=1)
+        return (count >= 16) & (close.sum(axis=1) > 0.5 * np.maximum(count, 1))
+
+    def _same_place(
+        self, t: int, slots: np.ndarray, idx: np.ndarray, ring: np.ndarray,
+        around: np.ndarray, check: bool,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """For background a moving camera never showed: the samples read at the same image
+        position, not aligned, where their surroundings match the current frame (the ring
+        check). Not the true background there, but texture of the same surface nearby
+        (a wall, a floor a little further along the pan), better than image inpainting
+        over a large hole. Colour [m, 3] and found [m]; None when no sample moved."""
+        if all(self._warp_to(self.slot_to_shot[s], t, self.slot_from_shot[s]) is None
+               for s in slots):
+            return None  # every view is the current one: nothing the aligned read missed
+        if check:
+            seen = gather(self.luma, slots, ring) != INVALID_LUMA
+            slots = slots[self._consistent(gather(self.frames, slots, ring), seen, around)]
+        if not len(slots):
+            return None
+        row, count = median_pick(gather(self.luma, slots, idx))
+        return self.frames[slots[row], idx], count >= self.min_samples
+
+
+def grid_of(idx: np.ndarray, width: int) -> np.ndarray:
+    """Pixel coordinates of flat indices `idx` in rows of `width`, as cv2 point maps:
+    float32 [1, m, 2] (x, y)."""
+    ys, xs = np.divmod(idx, width)
+    return np.stack([xs, ys], axis=-1).astype(np.float32)[None]
+
+
+def remap_points(image: np.ndarray, at: np.ndarray, border: float | None = None,
+                 interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """image [h, w, C] sampled at the points `at` (float32 [1, m, 2]): [m, C]. Outside
+    the image: the nearest edge pixel, or `border` if given. (cv2.remap maps are limited to
+    32767 columns: longer point lists are folded into rows.)"""
+    m, channels = at.shape[1], image.shape[2]
+    if m == 0:
+        return np.empty((0, channels), image.dtype)
+    if m >= 32767:
+        cols = 4096
+        rows = -(-m // cols)
+        at = np.pad(at[0], ((0, rows * cols - m), (0, 0))).reshape(rows, cols, 2)
+    mode = cv2.BORDER_REPLICATE if border is None else cv2.BORDER_CONSTANT
+    out = cv2.remap(image, at, None, interpolation, borderMode=mode,
+                    borderValue=0 if border is None else border)
+    return out.reshape(-1, channels)[:m]
 
 
 def slots_for(half: int, stride: int) -> int:
@@ -413,9 +707,23 @@ def _load_boxes(path: Path, frames: int) -> tuple[np.ndarray | None, np.ndarray 
     return boxes, present
 
 
+def _camera_summary(window: BackgroundWindow) -> dict[str, Any]:
+    tracker = window.tracker
+    if tracker is None:
+        return {"camera_aligned": False}
+    return {
+        "camera_aligned": True,
+        # Frames whose view differs from their keyframe (a moving camera), and frames the
+        # tracker could not place (their samples fall back on the ring check alone).
+        "camera_moving_frames": tracker.moved,
+        "camera_unaligned_frames": tracker.frames - tracker.aligned,
+        "warped_sample_reads": window.warped_samples,
+    }
+
+
 class InpaintStage(Stage):
     name = "inpaint"
-    version = "1"
+    version = "2"
     requires = ("detect",)
     config_model = InpaintConfig
     resources = Resources(cpus=1.0)
@@ -447,7 +755,8 @@ class InpaintStage(Stage):
         window = BackgroundWindow(lead, remover, (width, height), (buf_w, buf_h), cfg, stride)
         ring_px = max(2.0, dilate_px * buf_w / width)
 
-        counts = {"removed": 0, "window": 0, "memory": 0, "inpainted": 0, "box_frames": 0}
+        counts = {"removed": 0, "window": 0, "memory": 0, "view": 0, "inpainted": 0,
+                  "box_frames": 0}
         t = 0
         out = job.out_dir
         fps = fps_of(info)
@@ -465,7 +774,8 @@ class InpaintStage(Stage):
                 for j, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
                     window.advance(t)
                     removed, boxed = remover(t, mask)
-                    plates[j], filled = self._plate(t, frame, removed, window, ring_px, counts)
+                    plates[j], filled = self._plate(t, frame, removed, mask > cfg.mask_threshold,
+                                                    window, ring_px, counts)
                     removed_out[j][removed] = 255
                     filled_out[j][filled] = 255
                     counts["removed"] += int(removed.sum())
@@ -487,11 +797,16 @@ class InpaintStage(Stage):
             "temporal_fraction": round((counts["window"] + counts["memory"]) / pixels, 6),
             "memory_fraction": round(counts["memory"] / pixels, 6),
             "inpainted_fraction": round(counts["inpainted"] / pixels, 6),
+            # Part of inpainted_fraction taken from another view rather than cv2.inpaint.
+            "view_fill_fraction": round(counts["view"] / pixels, 6),
+            # Samples not used because they showed the person, undetected (per frame).
+            "person_like_samples": round(window.person_like / max(1, t), 3),
             "box_fallback_frames": counts["box_frames"],
             "scene_cuts": len(window.cuts),
             "dilate_px": dilate_px,
             "sample_stride": stride,
             "buffer_size": [buf_w, buf_h],
+            **_camera_summary(window),
         }
 
     def _plate(
@@ -499,11 +814,13 @@ class InpaintStage(Stage):
         t: int,
         frame: np.ndarray,
         removed: np.ndarray,
+        person: np.ndarray,
         window: BackgroundWindow,
         ring_px: float,
         counts: dict[str, int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The clean plate of frame t and its image-inpainted pixels."""
+        """The clean plate of frame t and its synthesized pixels (image-inpainted, or
+        stand-ins from another view)."""
         if not removed.any():
             return frame, removed
         cfg = self.config
@@ -512,15 +829,25 @@ class InpaintStage(Stage):
         idx = np.flatnonzero(small_removed)
         ring = np.flatnonzero(dilate(small_removed, ring_px) & ~small_removed)
         ring = ring[:: max(1, len(ring) // _RING_SAMPLES)]
-        colour, in_window, from_memory = window.lookup(
-            t, idx, ring, small.reshape(-1, 3)[ring])
-        known = in_window | from_memory
+        if window.scaled:  # the person's core at buffer size: pixels mostly person
+            person = cv2.resize(person.astype(np.uint8) * 255, (window.w, window.h),
+                                interpolation=cv2.INTER_AREA) > 127
+        core = np.flatnonzero(person)
+        core = core[:: max(1, len(core) // _RING_SAMPLES)]
+        colour, in_window, from_memory, from_view = window.lookup(
+            t, idx, ring, small.reshape(-1, 3)[ring], core, small.reshape(-1, 3)[core])
+        real = in_window | from_memory
+        known = real | from_view
         plate = small.copy()
         plate.reshape(-1, 3)[idx[known]] = colour[known]
+        hole = np.zeros(small_removed.shape, bool)
+        hole.reshape(-1)[idx[~known]] = True
+        if hole.any():
+            plate = image_inpaint(plate, hole, flag, cfg.inpaint_radius, cfg.inpaint_max_side)
+        # Synthesized (flagged in filled.mkv): image-inpainted or taken from another view.
         need = np.zeros(small_removed.shape, bool)
-        need.reshape(-1)[idx[~known]] = True
-        if need.any():
-            plate = image_inpaint(plate, need, flag, cfg.inpaint_radius, cfg.inpaint_max_side)
+        need.reshape(-1)[idx[~real]] = True
+        n_view = int(from_view.sum())
         if window.scaled:
             up = cv2.resize(plate, (window.width, window.height), interpolation=cv2.INTER_LINEAR)
             plate = np.where(removed[..., None], up, frame)
@@ -531,12 +858,14 @@ class InpaintStage(Stage):
             # Full-resolution counts: split the removed pixels by what their buffer pixel got.
             n_need = int(need.sum())
             n_known = int(removed.sum()) - n_need
-            n_mem = round(n_known * from_memory.sum() / known.sum()) if known.any() else 0
+            n_mem = round(n_known * from_memory.sum() / real.sum()) if real.any() else 0
+            n_view = round(n_need * n_view / (~real).sum()) if (~real).any() else 0
             counts["memory"] += n_mem
             counts["window"] += n_known - n_mem
         else:
             n_need = int(need.sum())
             counts["window"] += int(in_window.sum())
             counts["memory"] += int(from_memory.sum())
+        counts["view"] += n_view
         counts["inpainted"] += n_need
         return plate, need

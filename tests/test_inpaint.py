@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -16,8 +17,11 @@ from stages.inpaint import (
     INVALID_LUMA,
     InpaintConfig,
     InpaintStage,
+    Remover,
     buffer_size_for,
+    grid_of,
     median_pick,
+    remap_points,
     slots_for,
 )
 
@@ -174,6 +178,20 @@ def test_mask_is_dilated_and_missed_person_removed_by_box(scene):
     # C has no mask: its padded box is removed in every frame.
     assert scene["summary"]["box_fallback_frames"] == 48
     assert removed[5, 20:32, 100:108].all()
+
+
+def test_static_camera_reads_samples_in_place_exactly_as_without_alignment(scene, tmp_path):
+    """A still camera: the tracker reports no motion, nothing is resampled, and the plate
+    is bit for bit the one the stage makes with alignment off."""
+    s = scene["summary"]
+    assert s["camera_aligned"] and s["camera_moving_frames"] == 0
+    assert s["camera_unaligned_frames"] == 0 and s["warped_sample_reads"] == 0
+    job = scene["job"]
+    off = VideoJob(video=job.video, inputs=job.inputs, out_dir=tmp_path, run=job.run,
+                   upstream=job.upstream)
+    InpaintStage(InpaintConfig(align=False), off.run).process(off)
+    for name, fmt in (("plate.mkv", "rgb24"), ("removed.mkv", "gray"), ("filled.mkv", "gray")):
+        assert np.array_equal(read(tmp_path / name, fmt), read(job.out_dir / name, fmt))
 
 
 def test_empty_masks_pass_the_source_through_exactly(tmp_path):
@@ -347,23 +365,36 @@ def test_samples_and_memory_never_cross_a_scene_cut(tmp_path):
     assert filled[20:, 12:38, 22:30].all()  # the second view never did
 
 
-def test_samples_showing_a_shifted_view_are_not_used(tmp_path):
-    """The camera moves by 5 px at frame 20 (no cut): background samples from before no
-    longer line up, and are rejected by the ring check rather than pasted misaligned."""
+def test_a_shifted_view_is_aligned_or_else_rejected(tmp_path):
+    """The camera moves by 5 px at frame 20 (no cut). Aligned, the samples from before are
+    moved into the new view and fill it; without alignment they no longer line up and the
+    ring check rejects them rather than pasting them misaligned; with neither, the old
+    view is pasted in."""
     bg = textured_background(72, 48, 6)
     a, b = bg[:, :64], bg[:, 5:69]
-    checked = InpaintConfig(cut_threshold=255)
-    job = _two_views(tmp_path / "on", b, a) if (tmp_path / "on").mkdir() is None else None
-    InpaintStage(checked, job.run).process(job)
+    region = (slice(12, 38), slice(22, 30))
+    (tmp_path / "aligned").mkdir()
+    job = _two_views(tmp_path / "aligned", b, a)
+    summary = InpaintStage(InpaintConfig(cut_threshold=255), job.run).process(job)
+    plate = read(job.out_dir / "plate.mkv", "rgb24")
+    assert not (read(job.out_dir / "filled.mkv", "gray") > 127).any()
+    assert summary["scene_cuts"] == 0 and summary["camera_moving_frames"] == 1
+    # Sub-pixel registration, bilinear resampling of a noisy texture: close, not exact.
+    assert np.abs(plate[30][region].astype(int) - b[region]).mean() < 1.5
+
+    (tmp_path / "on").mkdir()
+    job = _two_views(tmp_path / "on", b, a)
+    InpaintStage(InpaintConfig(cut_threshold=255, align=False), job.run).process(job)
     filled = read(job.out_dir / "filled.mkv", "gray") > 127
     assert not filled[:20].any() and filled[20:, 12:38, 22:30].all()
 
-    job = _two_views(tmp_path / "off", b, a) if (tmp_path / "off").mkdir() is None else None
-    InpaintStage(InpaintConfig(cut_threshold=255, max_sample_diff=255), job.run).process(job)
+    (tmp_path / "off").mkdir()
+    job = _two_views(tmp_path / "off", b, a)
+    cfg = InpaintConfig(cut_threshold=255, max_sample_diff=255, align=False)
+    InpaintStage(cfg, job.run).process(job)
     plate = read(job.out_dir / "plate.mkv", "rgb24")
     assert not (read(job.out_dir / "filled.mkv", "gray") > 127)[20:].any()
     # Unchecked, the old view is pasted in: it matches the old view, not the current one.
-    region = (slice(12, 38), slice(22, 30))
     assert np.array_equal(plate[30][region], a[region])
     assert not np.array_equal(plate[30][region], b[region])
 
@@ -388,3 +419,184 @@ def test_memory_keeps_the_background_not_a_person_who_walked_in_undetected(tmp_p
     assert summary["memory_fraction"] > 0
     assert not (read(job.out_dir / "filled.mkv", "gray")[47:] > 127).any()
     assert np.abs(plate[47:].astype(int) - bg).max() <= 2
+
+
+def smooth_world(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A wide textured 'room' for a camera to pan over: structure at several scales (so
+    features and bilinear resampling both behave as on camera footage), no magenta."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([
+        115 + 50 * np.sin(xx / 13.0) * np.cos(yy / 9.0),
+        115 + 50 * np.sin((xx + 2 * yy) / 17.0),
+        115 + 50 * np.cos(xx / 7.0 - yy / 19.0),
+    ], axis=-1)
+    blobs = cv2.GaussianBlur(rng.normal(0, 60, (height, width, 3)).astype(np.float32), (0, 0), 1.5)
+    return np.clip(base + blobs, 30, 200).astype(np.uint8)
+
+
+def panning_scene(t: int = 36, width: int = 128, height: int = 96, seed: int = 0):
+    """A camera panning right (2 px a frame) and zooming in (4 % over the clip) over a
+    static world, and a 'person' (magenta, masked) walking with the camera so that they
+    stay near the frame's centre: what is behind them is only ever seen from another
+    viewpoint. Returns frames, masks, boxes and the true background of every frame."""
+    world = smooth_world(width * 3, height * 2, seed)
+    frames = np.empty((t, height, width, 3), np.uint8)
+    truth = np.empty_like(frames)
+    masks = np.zeros((t, height, width), np.uint8)
+    boxes = np.full((t, 1, 4), np.nan, np.float32)
+    for i in range(t):
+        zoom = 1.0 + 0.04 * i / max(1, t - 1)
+        # Frame pixel x -> world (x - cx) / zoom + cx + origin.
+        cx, cy = width / 2, height / 2
+        m = np.array([[1 / zoom, 0, cx - cx / zoom + 20 + 2.0 * i],
+                      [0, 1 / zoom, cy - cy / zoom + height / 2]], np.float32)
+        truth[i] = cv2.warpAffine(world, m, (width, height),
+                                  flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        frames[i] = truth[i]
+        draw(frames, masks, boxes, i, 0, width // 2 - 12 + i // 3, height // 4, 20, height // 2)
+    return frames, masks, boxes, truth
+
+
+def plate_error(job: VideoJob, truth: np.ndarray) -> tuple[float, float]:
+    """Mean abs error (0-255) of the plate against the true background over the removed
+    pixels, and the fraction of those that were image-inpainted."""
+    plate = read(job.out_dir / "plate.mkv", "rgb24").astype(int)
+    removed = read(job.out_dir / "removed.mkv", "gray") > 127
+    filled = read(job.out_dir / "filled.mkv", "gray") > 127
+    return float(np.abs(plate - truth)[removed].mean()), float(filled[removed].mean())
+
+
+@pytest.fixture(scope="module")
+def panning(tmp_path_factory):
+    frames, masks, boxes, truth = panning_scene()
+    out = {}
+    for name, cfg in (("aligned", InpaintConfig()), ("unaligned", InpaintConfig(align=False))):
+        tmp = tmp_path_factory.mktemp(name)
+        job = make_job(tmp, frames, masks, boxes)
+        summary = InpaintStage(cfg, job.run).process(job)
+        out[name] = (job, summary)
+    return out, truth
+
+
+def test_panning_camera_plate_matches_the_true_background_when_aligned(panning):
+    runs, truth = panning
+    job, summary = runs["aligned"]
+    error, inpainted = plate_error(job, truth)
+    assert summary["camera_moving_frames"] >= 30 and summary["camera_unaligned_frames"] == 0
+    assert summary["scene_cuts"] == 0
+    assert error < 6.0 and inpainted < 0.05
+    plate = read(job.out_dir / "plate.mkv", "rgb24")
+    assert not is_magenta(plate).any()
+
+
+def test_panning_camera_plate_is_wrong_without_alignment(panning):
+    runs, truth = panning
+    aligned, _ = plate_error(runs["aligned"][0], truth)
+    error, inpainted = plate_error(runs["unaligned"][0], truth)
+    # Unaligned samples do not line up: the ring check drops them and most of the region is
+    # image-inpainted, far from the true texture.
+    assert inpainted > 0.5
+    assert error > 3 * aligned
+
+
+def test_long_term_memory_follows_a_panning_camera(tmp_path):
+    """A window too short to see behind the person: what it misses comes from the memory,
+    which is resampled into each new view, instead of being image-inpainted."""
+    frames, masks, boxes, truth = panning_scene()
+    results = {}
+    for memory in (True, False):
+        (tmp_path / str(memory)).mkdir()
+        job = make_job(tmp_path / str(memory), frames, masks, boxes)
+        cfg = InpaintConfig(window_frames=8, samples=8, long_term_memory=memory)
+        summary = InpaintStage(cfg, job.run).process(job)
+        results[memory] = (*plate_error(job, truth), summary["memory_fraction"])
+    (error, inpainted, memory), (error_off, inpainted_off, _) = results[True], results[False]
+    assert memory > 0.02
+    assert inpainted < 0.5 * inpainted_off
+    assert error < 0.5 * error_off
+
+
+def test_shadow_ellipse_under_the_feet_of_each_detected_person():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[20:70, 40:60] = 255  # a 20x50 person standing on y=70
+    boxes = np.array([[[40, 20, 60, 70]]], np.float32)
+    present = np.ones((1, 1), bool)
+    removed, boxed = Remover(InpaintConfig(), 0, boxes, present)(0, mask)
+    assert not boxed
+    # Half-axes 1.2 x 20 / 2 = 12 px across, 0.08 x 50 = 4 px down, centred on (50, 70).
+    assert removed[73, 50] and removed[70, 39] and removed[70, 61]
+    assert not removed[75, 50] and not removed[70, 36] and not removed[10, 50]
+    off, _ = Remover(InpaintConfig(shadow_height=0), 0, boxes, present)(0, mask)
+    assert np.array_equal(off, mask > 64)
+
+
+def test_remap_points_folds_long_point_lists_and_marks_outside_points():
+    img = textured_background(400, 300, 8)
+    idx = np.arange(0, 120000)
+    h = np.array([[1.01, 0.002, 3.3], [0.001, 1.01, -2.2], [0, 0, 1.0]])
+    at = cv2.perspectiveTransform(grid_of(idx, 400), h)
+    whole = remap_points(img, at)  # over cv2's 32767-column limit: folded into rows
+    parts = np.concatenate([remap_points(img, at[:, i:i + 30000]) for i in range(0, 120000, 30000)])
+    assert whole.shape == (120000, 3) and np.array_equal(whole, parts)
+    shift = np.array([[1.0, 0, 3], [0, 1.0, -2], [0, 0, 1]])  # whole pixels: exact reads
+    moved = remap_points(img, cv2.perspectiveTransform(grid_of(idx, 400), shift))
+    assert np.array_equal(moved.reshape(300, 400, 3)[2:, :397], img[:298, 3:])
+    luma = np.zeros((300, 400, 1), np.uint16)
+    outside = np.array([[[-5.0, 10.0], [10.0, 10.0], [399.5, 10.0]]], np.float32)
+    got = remap_points(luma, outside, INVALID_LUMA)[:, 0]
+    assert got[0] == INVALID_LUMA and got[1] == 0 and got[2] > 255
+
+
+def test_background_a_pan_never_showed_is_filled_from_nearby_views_and_flagged(tmp_path):
+    """A person standing still in the world while the camera pans over a plain wall: what
+    they hide is never seen. Nearby frames read at the same image position show the wall
+    a little further along; that stand-in fills most of the hole, flagged as synthesized."""
+    t, width, height = 30, 128, 96
+    yy, xx = np.mgrid[0:height, 0:width * 2].astype(np.float32)
+    wall = np.stack([120 + 20 * np.sin(xx / 40), 140 + 0 * xx, 100 + yy / 4], -1)
+    wall = (wall + np.random.default_rng(3).normal(0, 2, wall.shape)).astype(np.uint8)
+    frames = np.stack([wall[:, 2 * i:2 * i + width] for i in range(t)]).copy()
+    masks = np.zeros((t, height, width), np.uint8)
+    boxes = np.full((t, 1, 4), np.nan, np.float32)
+    for i in range(t):
+        draw(frames, masks, boxes, i, 0, 80 - 2 * i, 20, 16, 50)
+    out = {}
+    for fill in (True, False):
+        (tmp_path / str(fill)).mkdir()
+        job = make_job(tmp_path / str(fill), frames, masks, boxes)
+        summary = InpaintStage(InpaintConfig(view_fill=fill), job.run).process(job)
+        out[fill] = (summary, read(job.out_dir / "filled.mkv", "gray") > 127,
+                     read(job.out_dir / "plate.mkv", "rgb24"))
+    (on, filled_on, plate), (off, filled_off, _) = out[True], out[False]
+    assert on["camera_moving_frames"] == t - 1
+    assert off["view_fill_fraction"] == 0 and on["view_fill_fraction"] > 0.5 * on[
+        "inpainted_fraction"]
+    # Same pixels flagged either way: a stand-in is synthesized, not the real background.
+    assert np.array_equal(filled_on, filled_off) and filled_on[:, 25:65, 40:60].any()
+    assert on["temporal_fraction"] + on["inpainted_fraction"] == pytest.approx(
+        on["removed_fraction"], abs=1e-5)
+    assert not is_magenta(plate).any()
+
+
+def test_samples_showing_a_person_the_detector_missed_are_not_background(tmp_path):
+    """A person stands still for the whole clip; the detector finds them only from frame
+    20 on. Frames 0-19 show the person where nothing was removed: taken as background, they
+    would paste the person back into the plate."""
+    t, height, width = 40, 48, 64
+    frames = np.repeat(textured_background(width, height, 9)[None], t, axis=0)
+    masks = np.zeros((t, height, width), np.uint8)
+    boxes = np.full((t, 1, 4), np.nan, np.float32)
+    for i in range(t):
+        draw(frames, masks if i >= 20 else None, boxes, i, 0, 20, 10, 12, 30)
+    boxes[:20] = np.nan  # undetected: no mask, no box
+    plates, dropped = {}, {}
+    for match in (12.0, 0.0):
+        (tmp_path / str(match)).mkdir()
+        job = make_job(tmp_path / str(match), frames, masks, boxes)
+        summary = InpaintStage(InpaintConfig(person_match=match), job.run).process(job)
+        plates[match] = read(job.out_dir / "plate.mkv", "rgb24")[20:]
+        dropped[match] = summary["person_like_samples"]
+    assert dropped[12.0] > 0 and dropped[0.0] == 0
+    assert is_magenta(plates[0.0]).sum() > 1000  # unchecked: the person comes back
+    assert not is_magenta(plates[12.0]).any()
