@@ -168,6 +168,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from training.audit import AuditConfig, audit
+
+    _train_overrides(args)
+    given = {"region": args.region, "canaries": args.canaries, "guesses": args.guesses,
+             "seed": args.seed}
+    try:
+        audit_cfg = AuditConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"audit: {exc}") from exc
+    r = audit(_load(args), audit_cfg)
+    reported = r["epsilon_reported"]
+    print(f"audit ({r['mode']}, canaries in the {r['region']} region): {r['correct']} of "
+          f"{r['guesses']} guesses right, empirical ε lower bound {r['epsilon_lower_bound']:.3f} "
+          f"(β {r['beta']}); reported ε "
+          f"{'n/a (not private)' if reported is None else f'{reported:.3f}'}")
+    print(f"written: {Path(r['run_folder']) / 'audit.json'}")
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from pipeline.doctor import run_checks
 
@@ -223,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", cmd_train, "train an action recognizer on the exported dataset "
              "(non-private, DP-SGD or MaskDP)"),
             ("evaluate", cmd_evaluate, "test a trained checkpoint on the anonymized and the "
-             "original test videos")):
+             "original test videos"),
+            ("audit", cmd_audit, "plant canaries, train, report an empirical ε lower bound "
+             "(one-run privacy audit)")):
         tr = sub.add_parser(name, help=text)
         tr.add_argument("--config", type=Path, help="YAML config (default: ./pipeline.yaml)")
         tr.add_argument("--input", type=Path, help="the original videos (run.input)")
@@ -238,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             tr.add_argument("--checkpoint", type=Path,
                             help="checkpoint.pt or its run folder (default: the train run's)")
+        if name == "audit":
+            tr.add_argument("--region", choices=("sensitive", "public"),
+                            help="where the canaries go (default sensitive; public: the "
+                            "unprotected region, shows the audit's power)")
+            tr.add_argument("--canaries", type=int, help="number of canaries (default 256)")
+            tr.add_argument("--guesses", type=float,
+                            help="share of canaries guessed in, and out (default 0.125)")
+            tr.add_argument("--seed", type=int, help="canary seed (default 0)")
         tr.set_defaults(func=func)
 
     doc = sub.add_parser("doctor", help="check rendering, detector, body model, torch")
