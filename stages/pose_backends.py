@@ -96,6 +96,48 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+@dataclass
+class View:
+    """A rectangle of the frame searched on its own, in frame pixels; it may reach past the
+    frame (padding) and then the outside is filled with grey."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    tile: bool  # landmarks outside a tile were not seen: visibility 0 there
+
+
+def padded_view(width: int, height: int, pad: float) -> View:
+    """The whole frame with `pad` of its size added on each side: BlazePose places a person
+    cut by the frame's edge (a close-up) better when the missing part has room."""
+    px, py = int(round(pad * width)), int(round(pad * height))
+    return View(-px, -py, width + px, height + py, tile=False)
+
+
+def tile_views(width: int, height: int, grid: int, overlap: float) -> list[View]:
+    """A grid x grid cover of the frame by tiles overlapping by `overlap` of a tile, so that
+    a small person lies whole in one tile; BlazePose's person detector sees a tile at its
+    224 px input, a small person `grid` times larger than in the whole frame."""
+    views = []
+    for axis in (width, height):
+        size = axis / (grid - (grid - 1) * overlap)
+        step = size * (1 - overlap)
+        views.append([(int(round(i * step)), min(axis, int(round(i * step + size))))
+                      for i in range(grid)])
+    return [View(x0, y0, x1, y1, tile=True) for y0, y1 in views[1] for x0, x1 in views[0]]
+
+
+@dataclass
+class _Search:
+    """What one frame's searches share: the image with found people painted out."""
+
+    image: np.ndarray
+    painted: np.ndarray
+    found: list[PersonPose]
+    boxes: list[np.ndarray]
+
+
 class MediapipePoseBackend:
     """BlazePose from mediapipe 0.10.21's legacy `solutions.pose` ("full" model in the wheel).
 
@@ -105,6 +147,11 @@ class MediapipePoseBackend:
     `max_people`. The search stops at the first miss, at a detection whose torso is less
     visible than `min_visibility` (returned, so the caller can count it as rejected), and
     at a duplicate of a person already found.
+
+    `pad` > 0 searches the whole frame padded on each side (people cut by the frame's edge);
+    `tiles` > 1 then searches each tile of a tiles x tiles grid (small people) for up to
+    `tile_people` further people, with everyone found so far painted out. Each view keeps
+    its own BlazePose instances, so tracking works within a tile as in the whole frame.
     """
 
     def __init__(
@@ -117,6 +164,10 @@ class MediapipePoseBackend:
         max_people: int = 1,
         min_visibility: float = 0.5,
         segmentation_threshold: float = 0.5,
+        pad: float = 0.0,
+        tiles: int = 1,
+        tile_overlap: float = 0.4,
+        tile_people: int = 1,
     ) -> None:
         # Imported here so that listing stages does not pay for mediapipe's import.
         from mediapipe.python.solutions import pose as mp_pose
@@ -124,6 +175,8 @@ class MediapipePoseBackend:
         self.min_visibility = min_visibility
         self.segmentation_threshold = segmentation_threshold
         self.max_people = max_people
+        self.pad, self.tiles, self.tile_overlap = pad, tiles, tile_overlap
+        self.tile_people = tile_people
         self._options = dict(
             static_image_mode=False,
             model_complexity=model_complexity,
@@ -133,10 +186,10 @@ class MediapipePoseBackend:
             min_tracking_confidence=min_tracking_confidence,
         )
         self._new_pose = mp_pose.Pose
-        self._poses: list = []
-        self._used = 0  # instances that saw a frame since the last reset
+        self._poses: dict[tuple[int, int], object] = {}  # (view, search) -> BlazePose
+        self._used: set[tuple[int, int]] = set()  # instances that saw a frame since reset
         try:
-            self._pose(0)  # fails now, not mid-video, when the model is missing
+            self._pose(0, 0)  # fails now, not mid-video, when the model is missing
         except Exception as exc:  # mediapipe raises bare exceptions when a model is missing
             self.close()
             raise RuntimeError(
@@ -144,59 +197,114 @@ class MediapipePoseBackend:
                 "only 1 ships with mediapipe, 0 and 2 need a download"
             ) from exc
 
-    def _pose(self, i: int):
-        """The i-th BlazePose, created on first need: most videos show one or two people,
-        and each instance costs memory and start-up time."""
-        while len(self._poses) <= i:
-            self._poses.append(self._new_pose(**self._options))
-        self._used = max(self._used, i + 1)
-        return self._poses[i]
+    def _pose(self, view: int, i: int):
+        """The i-th BlazePose of a view, created on first need: most videos show one or two
+        people, and each instance costs memory and start-up time."""
+        key = (view, i)
+        if key not in self._poses:
+            self._poses[key] = self._new_pose(**self._options)
+        self._used.add(key)
+        return self._poses[key]
 
     def reset(self) -> None:
-        for pose in self._poses[: self._used]:
-            pose.reset()  # ~0.25 s each, so only those that have tracked anything
-        self._used = 0
+        for key in self._used:
+            self._poses[key].reset()  # ~0.25 s each, so only those that have tracked anything
+        self._used = set()
 
     def close(self) -> None:
-        for pose in self._poses:
+        for pose in self._poses.values():
             pose.close()
-        self._poses = []
+        self._poses = {}
 
     def detect(self, frame_rgb: np.ndarray) -> list[PersonPose]:
         h, w = frame_rgb.shape[:2]
-        found: list[PersonPose] = []
-        boxes: list[np.ndarray] = []
-        image = frame_rgb
-        painted = np.zeros((h, w), dtype=bool)  # where found people were painted out
-        for i in range(self.max_people):
-            result = self._pose(i).process(image)
-            if result.pose_landmarks is None:
+        state = _Search(frame_rgb, np.zeros((h, w), dtype=bool), [], [])
+        # The whole frame, then padded (close-ups), then tiles (small people): each view
+        # searches what the ones before left, with everyone found so far painted out.
+        views = [padded_view(w, h, 0.0)]
+        if self.pad > 0:
+            views.append(padded_view(w, h, self.pad))
+        if self.tiles > 1:
+            views += tile_views(w, h, self.tiles, self.tile_overlap)
+        for k, view in enumerate(views):
+            room = self.max_people - len(state.found)
+            if room <= 0:
                 break
-            raw, world = _landmarks(result, w, h)
+            self._search(k, view, state, min(self.tile_people, room) if view.tile else room)
+        return state.found
+
+    def _search(self, view_id: int, view: View, state: _Search, limit: int) -> None:
+        """Up to `limit` people in one view, each painted out of the shared image."""
+        h, w = state.painted.shape
+        for i in range(limit):
+            result = self._pose(view_id, i).process(_crop(state.image, view))
+            if result.pose_landmarks is None:
+                return
+            raw, world = _landmarks(result, view)
             # The torso's own visibility judges the detection, even where the hips are
             # below the frame: a person close to the camera is still a person.
             score = float(raw[list(TORSO), 2].mean())
             kp = hide_outside(raw, w, h)
-            prob = np.asarray(result.segmentation_mask, dtype=np.float32)
+            if view.tile:
+                kp = _hide_outside_view(kp, view)
+            prob = _frame_mask(result.segmentation_mask, view, w, h)
             lm_box = landmark_box(kp)
             if lm_box is None or score < self.min_visibility:
-                found.append(PersonPose(kp, world, prob, score))
-                break
-            if found and _already_found(kp, lm_box, painted, boxes):
-                break  # a further BlazePose found a found person (or their blurred ghost)
-            found.append(PersonPose(kp, world, prob, score))
-            boxes.append(lm_box)
-            if i + 1 < self.max_people:
-                region = person_region(prob, kp, lm_box, self.segmentation_threshold)
-                image, grown = _paint_out(image, region)
-                painted |= grown
-        return found
+                state.found.append(PersonPose(kp, world, prob, score))
+                return
+            if _already_found(kp, lm_box, state.painted, state.boxes):
+                return  # a further BlazePose found a found person (or their blurred ghost)
+            state.found.append(PersonPose(kp, world, prob, score))
+            state.boxes.append(lm_box)
+            region = person_region(prob, kp, lm_box, self.segmentation_threshold)
+            state.image, grown = _paint_out(state.image, region)
+            state.painted |= grown
 
 
-def _landmarks(result, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Landmarks in pixels (with BlazePose's visibility) and world landmarks."""
+PAD_GREY = 114  # fill of a view's part outside the frame
+
+
+def _crop(image: np.ndarray, view: View) -> np.ndarray:
+    """The view's pixels, grey where the view reaches past the frame."""
+    h, w = image.shape[:2]
+    if view.x0 >= 0 and view.y0 >= 0 and view.x1 <= w and view.y1 <= h:
+        return np.ascontiguousarray(image[view.y0 : view.y1, view.x0 : view.x1])
+    import cv2
+
+    top, left = max(0, -view.y0), max(0, -view.x0)
+    padded = cv2.copyMakeBorder(
+        image, top, max(0, view.y1 - h), left, max(0, view.x1 - w),
+        cv2.BORDER_CONSTANT, value=(PAD_GREY,) * 3,
+    )
+    return padded[view.y0 + top : view.y1 + top, view.x0 + left : view.x1 + left]
+
+
+def _frame_mask(mask: np.ndarray, view: View, width: int, height: int) -> np.ndarray:
+    """A view's segmentation mask placed in a frame-sized array (0 elsewhere)."""
+    m = np.asarray(mask, dtype=np.float32)
+    if (view.x0, view.y0, view.x1, view.y1) == (0, 0, width, height):
+        return m
+    out = np.zeros((height, width), dtype=np.float32)
+    x0, y0 = max(0, view.x0), max(0, view.y0)
+    x1, y1 = min(width, view.x1), min(height, view.y1)
+    out[y0:y1, x0:x1] = m[y0 - view.y0 : y1 - view.y0, x0 - view.x0 : x1 - view.x0]
+    return out
+
+
+def _hide_outside_view(keypoints: np.ndarray, view: View) -> np.ndarray:
+    """Visibility 0 for landmarks outside a tile: guessed, not seen."""
+    kp = keypoints.copy()
+    x, y = kp[:, 0], kp[:, 1]
+    kp[(x < view.x0) | (x >= view.x1) | (y < view.y0) | (y >= view.y1), 2] = 0.0
+    return kp
+
+
+def _landmarks(result, view: View) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks in frame pixels (with BlazePose's visibility) and world landmarks."""
+    vw, vh = view.x1 - view.x0, view.y1 - view.y0
     kp = np.array(
-        [(lm.x * width, lm.y * height, lm.visibility) for lm in result.pose_landmarks.landmark],
+        [(lm.x * vw + view.x0, lm.y * vh + view.y0, lm.visibility)
+         for lm in result.pose_landmarks.landmark],
         dtype=np.float32,
     )
     world = np.array(

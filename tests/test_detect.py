@@ -22,7 +22,17 @@ from stages.detect import (
     appearance,
     appearance_distance,
 )
-from stages.pose_backends import PersonPose
+from stages.pose_backends import (
+    PAD_GREY,
+    MediapipePoseBackend,
+    PersonPose,
+    View,
+    _crop,
+    _frame_mask,
+    box_iou,
+    padded_view,
+    tile_views,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
 ASL_HELP = DATA / "videos/intel__asl_help.mkv"
@@ -205,6 +215,119 @@ def test_config_rejects_bad_values():
         DetectConfig(no_such_key=1)
 
 
+# -- views: padding and tiles ---------------------------------------------------------------
+
+
+def test_tile_views_cover_the_frame_with_overlap():
+    w, h = 340, 256
+    tiles = tile_views(w, h, 2, 0.4)
+    assert len(tiles) == 4 and all(t.tile for t in tiles)
+    covered = np.zeros((h, w), int)
+    for t in tiles:
+        assert 0 <= t.x0 < t.x1 <= w and 0 <= t.y0 < t.y1 <= h
+        covered[t.y0 : t.y1, t.x0 : t.x1] += 1
+    assert covered.min() >= 1  # every pixel is in a tile
+    left, right = tiles[0], tiles[1]
+    tile_w = left.x1 - left.x0
+    assert right.x1 == w and abs((left.x1 - right.x0) - 0.4 * tile_w) <= 1
+    assert tile_w < 0.65 * w  # a tile is much smaller than the frame: people look larger
+
+
+def test_padded_crop_and_mask_map_back_to_the_frame():
+    frame = np.random.default_rng(0).integers(0, 255, (40, 60, 3)).astype(np.uint8)
+    view = padded_view(60, 40, 0.25)
+    assert (view.x0, view.y0, view.x1, view.y1) == (-15, -10, 75, 50) and not view.tile
+    image = _crop(frame, view)
+    assert image.shape == (60, 90, 3)
+    assert (image[10:50, 15:75] == frame).all() and (image[:10] == PAD_GREY).all()
+    # A mask over the view comes back frame-sized, its padding dropped.
+    mask = np.zeros((60, 90), np.float32)
+    mask[20:30, 20:40] = 1.0
+    back = _frame_mask(mask, view, 60, 40)
+    assert back.shape == (40, 60) and back.sum() == 200 and back[10:20, 5:25].all()
+    tile = View(30, 20, 60, 40, tile=True)
+    assert (_crop(frame, tile) == frame[20:40, 30:60]).all()
+    back = _frame_mask(np.ones((20, 30), np.float32), tile, 60, 40)
+    assert back[20:, 30:].all() and back.sum() == 600
+
+
+CHECKER = ((255, 0, 0), (0, 0, 255))
+
+
+class _FakeBlazePose:
+    """Stands in for mediapipe's Pose: a "person" is a red/blue checkerboard rectangle
+    (a blur, i.e. painting out, destroys it) and, like BlazePose's detector, it finds only
+    people at least 0.3 of its input image tall; it reports the largest such person."""
+
+    MIN_RELATIVE_HEIGHT = 0.3
+
+    def __init__(self, **options): ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def process(self, image: np.ndarray):
+        from types import SimpleNamespace as NS
+
+        import cv2
+
+        h, w = image.shape[:2]
+        pure = np.zeros((h, w), np.uint8)
+        for colour in CHECKER:
+            pure |= (image == colour).all(axis=-1)
+        pure = cv2.dilate(pure, np.ones((3, 3), np.uint8))
+        n, _, stats, _ = cv2.connectedComponentsWithStats(pure, connectivity=8)
+        people = [s for s in stats[1:n] if s[3] >= self.MIN_RELATIVE_HEIGHT * h]
+        if not people:
+            return NS(pose_landmarks=None)
+        x, y, bw, bh, _ = max(people, key=lambda s: s[4])
+        x, y, bw, bh = x + 1, y + 1, bw - 2, bh - 2  # undo the dilation
+        ys = np.linspace(y + 1, y + bh - 2, 33)
+        xs = x + bw / 2 + 0.3 * bw * np.sin(np.arange(33))
+        marks = [NS(x=float(u / w), y=float(v / h), z=0.0, visibility=0.99)
+                 for u, v in zip(xs, ys, strict=True)]
+        mask = np.zeros((h, w), np.float32)
+        mask[y : y + bh, x : x + bw] = 1.0
+        return NS(pose_landmarks=NS(landmark=marks), pose_world_landmarks=NS(landmark=marks),
+                  segmentation_mask=mask)
+
+
+def _checker_person(frame: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    frame[y : y + h, x : x + w] = np.where(((xx + yy) % 2 == 0)[..., None], *CHECKER)
+    return np.array([x, y, x + w, y + h], np.float32)
+
+
+def _fake_backend(**options) -> MediapipePoseBackend:
+    backend = MediapipePoseBackend(max_people=6, **options)
+    backend.close()  # the real BlazePose is not used below
+    backend._new_pose = _FakeBlazePose
+    return backend
+
+
+def test_tiles_find_small_people_once_each():
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    big = _checker_person(frame, 60, 100, 80, 220)  # found by the whole-frame search
+    small = [_checker_person(frame, 400, 40, 40, 110), _checker_person(frame, 560, 330, 40, 110)]
+
+    plain = _fake_backend(pad=0.0, tiles=1).detect(frame)
+    assert len(plain) == 1  # the small people are too small for the whole frame
+
+    found = _fake_backend(pad=0.25, tiles=2).detect(frame)
+    # The big person lies in tiles as well, the small ones in two overlapping tiles each:
+    # still each person exactly once, at the right place in the frame.
+    assert len(found) == 3
+    for person, want in zip(found, [big, *small], strict=True):
+        kp = person.keypoints
+        assert (kp[:, 2] > 0.9).all()
+        lm_box = np.array([*kp[:, :2].min(0), *kp[:, :2].max(0)])
+        assert box_iou(lm_box, want) > 0.5
+        assert person.mask.shape == (480, 640)
+        x0, y0, x1, y1 = want.astype(int)
+        assert person.mask[y0:y1, x0:x1].sum() == person.mask.sum() == (x1 - x0) * (y1 - y0)
+
+
 # -- real video ------------------------------------------------------------------------------
 
 
@@ -264,7 +387,9 @@ def test_real_video_finds_one_tracked_person(stage, tmp_path):
 @pytest.mark.real
 def test_small_people_are_rejected(tmp_path):
     path = _real_video()
-    st = DetectStage(DetectConfig(min_person_height_px=100_000), RunSection())
+    # Only the whole-frame search: the extra views would reject the same people, slower.
+    cfg = DetectConfig(min_person_height_px=100_000, pad=0.0, tiles=1)
+    st = DetectStage(cfg, RunSection())
     st.setup()
     try:
         job, _ = _job(path, tmp_path / "out", chunk=64)
@@ -317,6 +442,37 @@ def test_two_people_side_by_side_keep_their_tracks(stage, tmp_path):
     assert sorted(sides) == [False, True]
     other = int(sides[0])  # index of the right-hand track
     assert (np.nanmin(centres[:, other]) >= 320)
+
+
+@pytest.mark.real
+def test_tiles_find_small_real_people_the_plain_search_misses():
+    # A real signer three times in a 960x540 frame: once 240 px tall, twice 120 px (about
+    # 106 px of person), too small for BlazePose's detector on the whole frame.
+    import cv2
+
+    signer = next(iter_frames(_real_video()))
+    frame = np.full((540, 960, 3), 120, np.uint8)
+    frame[280:520, 40:360] = cv2.resize(signer, (320, 240), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(signer, (160, 120), interpolation=cv2.INTER_AREA)
+    places = [(560, 60), (760, 360)]
+    for x, y in places:
+        frame[y : y + 120, x : x + 160] = small
+    found = {}
+    for name, cfg in {"plain": DetectConfig(pad=0.0, tiles=1), "tiles": DetectConfig()}.items():
+        st = DetectStage(cfg, RunSection())
+        st.setup()
+        try:
+            found[name], _ = st.detect_frame(frame, _Rejections())
+        finally:
+            st.teardown()
+    assert len(found["plain"]) == 1 and found["plain"][0].box[0] < 360
+    dets = found["tiles"]
+    assert len(dets) == 3  # the big signer once (not again in a tile), each small one once
+    assert np.allclose(dets[0].box, found["plain"][0].box, atol=2)
+    for det, (x, y) in zip(dets[1:], places, strict=True):
+        x0, y0, x1, y1 = det.box
+        # (a box edge may pass a landmark guessed a pixel or two past the picture)
+        assert x - 3 <= x0 < x1 <= x + 163 and y - 3 <= y0 < y1 <= y + 123 and y1 - y0 > 80
 
 
 # -- synthetic and broken inputs -------------------------------------------------------------
