@@ -47,7 +47,7 @@ demo: setup $(SAMPLE_DIR)/manifest.csv
 	$(BIN)/avatarize run --config pipeline.yaml --set export.preview=true
 
 test: setup
-	$(BIN)/ruff check pipeline stages training assets tests
+	$(BIN)/ruff check pipeline stages training privacy assets tests
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
@@ -56,7 +56,7 @@ bench: setup
 	$(BIN)/python -m training.bench --out bench/results
 
 lint: setup
-	$(BIN)/ruff check pipeline stages training assets tests
+	$(BIN)/ruff check pipeline stages training privacy assets tests
 
 clean:
 	rm -rf work out

@@ -1,0 +1,1 @@
+"""Privacy measurement (attackers, leakage report) and the learned anonymizers."""
