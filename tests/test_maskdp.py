@@ -36,11 +36,9 @@ def batch(n: int = 5, seed: int = 1):
 
 
 def efficient(model, x, xbar, y, clip, groups=None):
-    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
-    try:
-        return maskdp_gradient_efficient(gsm, loss_fn, x, xbar, y, clip, groups)
-    finally:
-        gsm._close()
+    """The production path: a plain module (forward hooks, our grouped-conv rule)."""
+    grads, norms, _ = maskdp_gradient_efficient(model, loss_fn, x, xbar, y, clip, groups)
+    return grads, norms
 
 
 def flat(grads) -> torch.Tensor:
@@ -60,10 +58,16 @@ def test_efficient_equals_naive(clip):
     model = tiny_model()
     x, mask, y = batch()
     xbar = public_surrogate(x, mask, 0.5)
-    g_naive, n_naive = maskdp_gradient_naive(model, loss_fn, x, xbar, y, clip)
+    g_naive, n_naive, _ = maskdp_gradient_naive(model, loss_fn, x, xbar, y, clip)
     g_eff, n_eff = efficient(model, x, xbar, y, clip)
     assert torch.allclose(n_eff, n_naive, rtol=1e-4, atol=1e-7)
     assert torch.allclose(flat(g_eff), flat(g_naive), rtol=1e-4, atol=1e-6)
+    # ...and so does the same form on Opacus' GradSampleModule hooks.
+    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
+    g_gsm, n_gsm, _ = maskdp_gradient_efficient(gsm, loss_fn, x, xbar, y, clip)
+    gsm._close()
+    assert torch.allclose(n_gsm, n_naive, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(flat(g_gsm), flat(g_naive), rtol=1e-4, atol=1e-6)
     if clip == 1e-3:
         assert (n_naive > clip).all()  # the clip really bites in this case
 
@@ -73,7 +77,7 @@ def test_clips_of_one_video_are_averaged_before_clipping():
     x, mask, y = batch(6)
     groups = torch.tensor([0, 0, 1, 2, 2, 2])
     xbar = public_surrogate(x, mask, 0.5)
-    g_naive, n_naive = maskdp_gradient_naive(model, loss_fn, x, xbar, y, 0.01, groups)
+    g_naive, n_naive, _ = maskdp_gradient_naive(model, loss_fn, x, xbar, y, 0.01, groups)
     g_eff, n_eff = efficient(model, x, xbar, y, 0.01, groups)
     assert n_eff.shape == (3,)
     assert torch.allclose(flat(g_eff), flat(g_naive), rtol=1e-4, atol=1e-6)
@@ -170,14 +174,70 @@ def test_dpsgd_hooks_and_ghost_equal_the_per_sample_reference():
         norm = torch.sqrt(sum((t * t).sum() for t in g))
         for acc, t in zip(ref, g, strict=True):
             acc += t * min(1.0, clip / float(norm))
+    own, n_own, _ = dpsgd_gradient_hooks(model, loss_fn, x, y, clip)
     gsm = opacus.GradSampleModule(model, loss_reduction="sum")
-    hooks, n_hooks = dpsgd_gradient_hooks(gsm, loss_fn, x, y, clip)
+    hooks, n_hooks, _ = dpsgd_gradient_hooks(gsm, loss_fn, x, y, clip)
     gsm._close()
     ghost_module = GradSampleModuleFastGradientClipping(model, loss_reduction="sum",
                                                         use_ghost_clipping=True)
-    ghost, n_ghost = dpsgd_gradient_ghost(ghost_module, loss_fn, x, y, clip)
+    ghost, n_ghost, _ = dpsgd_gradient_ghost(ghost_module, loss_fn, x, y, clip)
     ghost_module._close()
     assert (n_hooks > clip).all()
     assert torch.allclose(n_ghost, n_hooks, rtol=1e-3)
     assert torch.allclose(flat(hooks), flat(ref), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(n_own, n_hooks, rtol=1e-4)
+    assert torch.allclose(flat(own), flat(ref), rtol=1e-4, atol=1e-6)
     assert torch.allclose(flat(ghost), flat(ref), rtol=1e-3, atol=1e-6)
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)  # strides, dilation, channel groups and biases in the conv rule
+    return nn.Sequential(
+        nn.Conv3d(3, 4, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 2, 2), dilation=(1, 2, 2), groups=2),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def _transformer() -> nn.Module:
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)  # Conv3d with bias, Embedding, LayerNorm, Linear on tokens
+    cfg = ModelConfig(arch="transformer", width=8, depth=1, heads=2, tubelet=(2, 4))
+    return build_model(cfg, 3, 4, 8)
+
+
+def _inplace_model() -> nn.Module:
+    torch.manual_seed(0)  # a layer output changed in place: the Opacus fallback
+    return nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("build", [tiny_model, _conv_model, _transformer, _inplace_model])
+def test_per_sample_gradients_equal_one_backward_per_sample(build):
+    from training.maskdp import per_sample_gradients
+
+    model = build()
+    x, _, y = batch(4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, losses = per_sample_gradients(model, loss_fn, x, y)
+    assert all(p.grad is None for p in params)  # no summed gradient left behind
+    for i in range(len(x)):
+        loss = loss_fn(model(x[i:i + 1]), y[i:i + 1]).sum()
+        assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
+        for gs, ref in zip(grads, torch.autograd.grad(loss, params), strict=True):
+            assert torch.allclose(gs[i], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_functions_return_the_summed_loss_of_x():
+    from training.maskdp import dpsgd_gradient_hooks
+
+    model = tiny_model()
+    x, mask, y = batch()
+    xbar = public_surrogate(x, mask, 0.5)
+    expected = loss_fn(model(x), y).sum().item()
+    assert maskdp_gradient_efficient(model, loss_fn, x, xbar, y, 0.1).loss == pytest.approx(
+        expected, rel=1e-5)
+    assert maskdp_gradient_naive(model, loss_fn, x, xbar, y, 0.1).loss == pytest.approx(
+        expected, rel=1e-5)
+    assert dpsgd_gradient_hooks(model, loss_fn, x, y, 0.1).loss == pytest.approx(
+        expected, rel=1e-5)

@@ -151,3 +151,17 @@ def test_ghost_clipping_trains_and_needs_one_clip_per_video(dataset, tmp_path):
     data["privacy"]["dpsgd_mode"] = "ghost"
     summary = Trainer(TrainConfig.model_validate(data), dataset, tmp_path / "ghost").fit()
     assert summary["steps"] > 0 and 0 < summary["epsilon"] <= 2.0
+
+
+@pytest.mark.parametrize("mode", ["maskdp", "dpsgd"])
+def test_a_step_forwards_each_chunk_once(dataset, tmp_path, mode):
+    # The loss comes from the gradient's own forward pass: no second pass to report it.
+    cfg = config(mode, epochs=1, epsilon=2.0)
+    cfg.optim.batch_size = 8  # every video: 8 videos, physical chunks of 3 -> 3 chunks
+    trainer = Trainer(cfg, dataset, tmp_path / mode)
+    seen: list[int] = []
+    trainer.model.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].shape[0]))
+    out = trainer.train_step()
+    clips = cfg.data.clips_per_video * (2 if mode == "maskdp" else 1)  # [x; x̄] stacked
+    assert seen == [clips * 3, clips * 3, clips * 2]
+    assert out["videos"] == 8 and out["loss"] > 0

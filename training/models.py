@@ -156,7 +156,9 @@ class TubeletTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(self.norm_in(x)).flatten(2).transpose(1, 2)  # (N, L, D)
-        pos = self.position(self.index.expand(x.shape[0], -1))
+        # repeat, not expand: per-sample gradient rules (Opacus ghost clipping) need one
+        # real index row per sample.
+        pos = self.position(self.index.repeat(x.shape[0], 1))
         feats = self.norm(self.blocks(tokens + pos))
         return self.head(feats.mean(1))
 

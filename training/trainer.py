@@ -7,8 +7,9 @@ q = batch_size / N, every video independently, as Opacus' sampler), takes
 
 - none:   Σ_videos mean-over-clips gradient (no clipping, no noise);
 - dpsgd:  Σ_videos clip_C(mean-over-clips gradient) + N(0, σ²C²): per-sample gradients
-          from Opacus' GradSampleModule ("hooks") or, with one clip per video, Opacus'
-          ghost clipping (norms without materializing per-sample gradients);
+          from forward hooks ("hooks", training/maskdp.py: per_sample_gradients) or, with
+          one clip per video, Opacus' ghost clipping (norms without materializing
+          per-sample gradients);
 - maskdp: Σ_videos [public gradient + clip_C(Δ)] + N(0, σ²C²) (training/maskdp.py).
 
 then divides by the expected batch size q·N (as Opacus does) and steps the optimizer. The
@@ -229,13 +230,6 @@ class Trainer:
                  self.epsilon())
 
     # ---- one step --------------------------------------------------------------------
-    def _grad_sample_module(self) -> nn.Module:
-        if self._gsm is None:
-            from opacus import GradSampleModule
-
-            self._gsm = GradSampleModule(self.model, loss_reduction="sum")
-        return self._gsm
-
     def _rng(self, purpose: int, rank: int = 0) -> np.random.Generator:
         """The step's own generator: a function of (seed, step, purpose, rank), so a resumed
         run draws exactly what an uninterrupted one would, with no state to save."""
@@ -256,20 +250,15 @@ class Trainer:
         cfg, p = self.cfg, self.cfg.privacy
         x, m, y, g = batch_of(videos, cfg.data, cfg.data.clips_per_video, rng)
         x, m, y, g = (t.to(self.device) for t in (x, m, y, g))
-        params = [q for q in self.model.parameters() if q.requires_grad]
         if p.mode == "maskdp":
             xbar = public_surrogate(x, m, p.filler)
-            if p.maskdp_form == "efficient":
-                grads, _ = maskdp_gradient_efficient(self._grad_sample_module(), loss_per_sample,
-                                                     x, xbar, y, p.clip, g)
-            else:
-                grads, _ = maskdp_gradient_naive(self.model, loss_per_sample, x, xbar, y,
-                                                 p.clip, g)
-            with torch.no_grad():
-                loss = float(loss_per_sample(self.model(x), y).sum())
+            gradient = maskdp_gradient_efficient if p.maskdp_form == "efficient" \
+                else maskdp_gradient_naive
+            grads, _, loss = gradient(self.model, loss_per_sample, x, xbar, y, p.clip, g)
             return grads, loss, len(y)
         if p.mode == "none":
             # Per-video mean over its clips: weight 1 / clips of that video.
+            params = [q for q in self.model.parameters() if q.requires_grad]
             counts = torch.bincount(g)[g].to(x.dtype)
             self.model.zero_grad(set_to_none=True)
             losses = loss_per_sample(self.model(x), y)
@@ -278,12 +267,10 @@ class Trainer:
             self.model.zero_grad(set_to_none=True)
             return grads, float(losses.detach().sum()), len(y)
         if p.dpsgd_mode == "ghost":
-            grads, _ = dpsgd_gradient_ghost(self._ghost_module(), loss_per_sample, x, y, p.clip)
+            grads, _, loss = dpsgd_gradient_ghost(self._ghost_module(), loss_per_sample, x, y,
+                                                  p.clip)
         else:
-            grads, _ = dpsgd_gradient_hooks(self._grad_sample_module(), loss_per_sample, x, y,
-                                            p.clip, g)
-        with torch.no_grad():
-            loss = float(loss_per_sample(self.model(x), y).sum())
+            grads, _, loss = dpsgd_gradient_hooks(self.model, loss_per_sample, x, y, p.clip, g)
         return grads, loss, len(y)
 
     def _all_reduce(self, grads: list[torch.Tensor], loss: float, clips: int
