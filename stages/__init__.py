@@ -32,6 +32,14 @@ fit/<id>/
                  camera     float32 [4]            fx, fy, cx, cy
     summary      {"body_model", "tracks", "mean_fit_error_px", "phenotype_labels"}
 
+motion/<id>/
+    bodies.npz   fit's bodies.npz, same keys and shapes. motion.enabled false: a byte-for-byte
+                 copy. Enabled: pose, root_orient and joints3d of each track replaced by the
+                 anonymized motion (privacy.motion_anonymizer, brought back to poses by IK);
+                 joints3d = the body model's keypoints of the new pose with the fitted shape
+    summary      {"enabled", "tracks_anonymized", "mean_joint_shift_m",
+                  "mean_ik_direction_error_deg"}
+
 render/<id>/
     avatar.mkv   rgba, the avatars over transparency (straight alpha)
     depth.mkv    gray16, avatar depth in millimetres at pixel centres (0 where no avatar)
@@ -47,11 +55,19 @@ inpaint/<id>/
     plate.mkv    rgb, the clean plate: the real people removed
     removed.mkv  gray8, 255 where the real person was removed (dilated mask)
     filled.mkv   gray8, 255 where the plate was image-inpainted (never seen uncovered)
+    summary      {"removed_fraction", "temporal_fraction", "inpainted_fraction",
+                  "view_fill_fraction", "hole_fraction", "fill" (classical | sd), with
+                  fill=sd "sd_filled_fraction", "sd_fill_frames", "sd_fill_carried_frames",
+                  "sd_fill_crops", "sd_fill_seconds"; camera alignment counts, ...}
 
 harmonize/<id>/
     composite.mkv    rgb, the anonymized frames
     sensitivity.mkv  gray8, 255 = real background (still sensitive), 0 = synthesized
                      (avatar pixels and image-inpainted pixels)
+    summary      {"method", "mean_avatar_coverage", "mean_sensitive_fraction"; sd-inpaint:
+                  "mean_repainted_fraction", "repainted_crops", "keyframe_every",
+                  "flicker_band" {sd, classical}}. Reads motion/bodies.npz only with
+                  control=keypoints (the ControlNet's skeleton)
 
 export: OUTPUT/<id>.mp4, OUTPUT/<id>.mask.mp4, OUTPUT/<id>.json, OUTPUT/dataset.json
 
@@ -70,6 +86,7 @@ from pipeline.stage import Stage
 STAGE_MODULES = (
     ("detect", "stages.detect", "DetectStage"),
     ("fit", "stages.fit", "FitStage"),
+    ("motion", "stages.motion", "MotionStage"),
     ("render", "stages.render", "RenderStage"),
     ("inpaint", "stages.inpaint", "InpaintStage"),
     ("harmonize", "stages.harmonize", "HarmonizeStage"),

@@ -5,12 +5,13 @@ the track id, so it is reproducible and fixed for the whole video. With identity
 body is also pushed away from the real person's estimated phenotype (gender to the other
 side of 0.5, weight and muscle by a margin); with identity=random it is drawn
 independently of it. No two tracks of a video share a look (skin tone, top colour and
-pattern, hair, head cover): a colliding draw is redrawn. The avatar takes the fitted pose,
-global orientation and translation with the new phenotype. A different body shape moves
-the hips relative to the root bone, so each frame the avatar is shifted to put its
-mid-hip on the real person's (same pixel). A taller or shorter avatar is also moved along
-that pixel's ray, in proportion to its size, so it covers the real person at the same
-image size instead of being drawn larger or smaller.
+pattern, hair, head cover): a colliding draw is redrawn. The bodies are the motion stage's
+(fit's, passed through unchanged or with anonymized motion: stages/motion.py). The avatar
+takes their pose, global orientation and translation with the new phenotype. A different
+body shape moves the hips relative to the root bone, so each frame the avatar is shifted
+to put its mid-hip on the real person's (same pixel). A taller or shorter avatar is also
+moved along that pixel's ray, in proportion to its size, so it covers the real person at
+the same image size instead of being drawn larger or smaller.
 
 The body model is the shared `body` section's (stages/body_config.py): Anny by default,
 or an SMPL-family model from the user's files (body.model smpl | smplh | smplx), whose
@@ -273,7 +274,9 @@ def depth_to_mm(depth: np.ndarray) -> np.ndarray:
 class RenderStage(Stage):
     name = "render"
     version = "3"
-    requires = ("detect", "fit")
+    # Bodies come from motion (fit's, anonymized or passed through); fit's summary names
+    # the body model they were fitted with.
+    requires = ("detect", "fit", "motion")
     config_model = RenderConfig
     shared_sections = ("body",)
     resources = Resources(cpus=1.0, gpus=0.0)
@@ -325,7 +328,9 @@ class RenderStage(Stage):
         if fitted is not None and fitted != self.body.kind:
             raise VideoFailed(f"fit used body model {fitted}, render is set to "
                               f"{self.body.kind} (body.model): rerun fit")
-        bodies = load_bodies(job.inputs["fit"] / "bodies.npz", frames, self.body.num_bones,
+        # A job built by hand without the motion stage (tests) reads fit's bodies.
+        source = job.inputs.get("motion", job.inputs["fit"])
+        bodies = load_bodies(source / "bodies.npz", frames, self.body.num_bones,
                              len(self.body.shape_labels))
 
         identities = self._identities(job, bodies)

@@ -15,6 +15,14 @@ and cam_center [3] (world), phenotype [6] with phenotype_labels, and the body pa
 pose [T,J,3], root_orient [T,3], transl [T,3] in camera coordinates, from which
 stages.body's forward reproduces joints3d.
 
+`generate_benchmark(DIR)` (`avatarize sample-data DIR --benchmark`) writes the privacy
+benchmark in the same format: people x actions x repetitions (sizes: the recipes'
+`benchmark` table), every person with one body, clothing and motion style (the recipes'
+people.style and people.traits) in all their videos, stratified gender, age group, skin
+tone and build, videos DIR/<action>/<action>_<person>_r<rep>.mp4 whose sidecar also holds
+`repetition` and the repetition's `motion_style`; the last repetition of each (person,
+action) is the test split. DIR/benchmark.json holds the people table and the settings.
+
 Nothing is downloaded: people are Anny bodies with sampled phenotype, skin, hair and
 clothing painted as per-vertex colours; actions are keyframed joint rotations; rooms are
 textured quads whose textures (posters with faces, text with names and addresses, a number
@@ -28,10 +36,11 @@ at y = 0, the room's back wall at z = ROOM_BACK_Z.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -97,6 +106,8 @@ class Person:
     legwear: str
     left_handed: bool
     style: dict[str, float]
+    # Benchmark people's further motion traits (recipes people.traits); empty: none.
+    traits: dict[str, float] = field(default_factory=dict)
 
 
 def _age_to_anny(years: float, mapping: dict[str, list[float]]) -> float:
@@ -104,11 +115,16 @@ def _age_to_anny(years: float, mapping: dict[str, list[float]]) -> float:
 
 
 def sample_person(rng: np.random.Generator, recipe: dict[str, Any], index: int,
-                  phenotype_labels: tuple[str, ...]) -> Person:
-    gender, g_range = _pick(rng, recipe["genders"])
-    age_group, a_range = _pick(rng, recipe["age_groups"])
+                  phenotype_labels: tuple[str, ...], fixed: dict[str, str] | None = None,
+                  traits: bool = False) -> Person:
+    """A person drawn from the recipe. `fixed` forces classes of gender, age_group,
+    skin_tone and build (the benchmark stratifies them); `traits` draws the further motion
+    traits. Without either, the draws (and so the plain sample) are as they always were."""
+    fixed = fixed or {}
+    gender, g_range = _fixed_pick(rng, recipe["genders"], fixed.get("gender"))
+    age_group, a_range = _fixed_pick(rng, recipe["age_groups"], fixed.get("age_group"))
     years = _uniform(rng, a_range)
-    build, b = _pick(rng, recipe["builds"])
+    build, b = _fixed_pick(rng, recipe["builds"], fixed.get("build"))
     values = {
         "gender": _uniform(rng, g_range),
         "age": _age_to_anny(years, recipe["age_mapping"]),
@@ -118,7 +134,7 @@ def sample_person(rng: np.random.Generator, recipe: dict[str, Any], index: int,
         "proportions": _uniform(rng, recipe["proportions"]),
     }
     phenotype = np.asarray([values[k] for k in phenotype_labels], dtype=np.float32)
-    skin_name, skin = _pick(rng, recipe["skin_tones"])
+    skin_name, skin = _fixed_pick(rng, recipe["skin_tones"], fixed.get("skin_tone"))
     hair_name, hair = _pick(rng, recipe["hair"])
     if age_group == "older_adult" and rng.random() < 0.5:
         hair_name, hair = "grey", recipe["hair"]["grey"]
@@ -153,9 +169,39 @@ def sample_person(rng: np.random.Generator, recipe: dict[str, Any], index: int,
         "phenotype": {k: round(float(v), 4) for k, v in values.items()},
         "style": {k: round(v, 3) for k, v in style.items()},
     }
+    # Drawn last, so people without traits draw exactly what they always did.
+    person_traits = {k: _uniform(rng, v) for k, v in recipe["traits"].items()} if traits \
+        else {}
+    if person_traits:
+        shift = recipe.get("trait_shift_by_gender", {}).get(gender, {})
+        if set(shift) - set(person_traits):
+            raise KeyError(f"sample recipes: trait_shift_by_gender.{gender} names unknown "
+                           f"traits {sorted(set(shift) - set(person_traits))}")
+        person_traits = {k: v + float(shift.get(k, 0.0)) for k, v in person_traits.items()}
+    attributes["style"].update({k: round(v, 3) for k, v in person_traits.items()})
     return Person(id=f"person_{index:02d}", phenotype=phenotype, attributes=attributes,
                   colors=colors, sleeves=sleeves, legwear=legwear, left_handed=left_handed,
-                  style=style)
+                  style=style, traits=person_traits)
+
+
+def _fixed_pick(rng: np.random.Generator, table: dict[str, Any],
+                name: str | None) -> tuple[str, Any]:
+    """`_pick`, or the forced class `name`; the draw is made either way, so forcing one
+    attribute leaves the draws of the others unchanged."""
+    picked = _pick(rng, table)
+    if name is None:
+        return picked
+    if name not in table:
+        raise ValueError(f"sample recipes: unknown class {name!r} (have {sorted(table)})")
+    return name, table[name]
+
+
+def stratified_classes(rng: np.random.Generator, classes: list[str], n: int) -> list[str]:
+    """n labels covering `classes` as evenly as n allows (every class once before any
+    twice, the remainder's classes at random), in random order."""
+    order = [classes[i] for i in rng.permutation(len(classes))]
+    labels = [order[j % len(order)] for j in range(n)]
+    return [labels[i] for i in rng.permutation(n)]
 
 
 # Which clothing region each Anny bone's vertices belong to (by the vertex's dominant bone).
@@ -291,20 +337,67 @@ def animate(action: dict[str, Any], stance: dict[str, float], person: Person, fr
     keys = action["keyframes"]
     names = sorted({k for kf in keys for k in kf if k != "t"} | set(action.get("base", {})))
     times = [float(kf["t"]) for kf in keys]
-    curves: dict[str, np.ndarray] = {}
+    moves: dict[str, np.ndarray] = {}
+    bases: dict[str, float] = {}
     for name in names:
         values = [float(kf.get(name, 0.0)) for kf in keys]
         # Amplitude scales the movement, not the posture it moves about.
-        curves[name] = _periodic_curve(times, values, phase) * style["amplitude"] + \
-            float(action.get("base", {}).get(name, 0.0))
+        moves[name] = _periodic_curve(times, values, phase) * style["amplitude"]
+        bases[name] = float(action.get("base", {}).get(name, 0.0))
     if action.get("handed") and person.left_handed:
-        curves = {_mirror(k): v for k, v in curves.items()}
+        moves = {_mirror(k): v for k, v in moves.items()}
+        bases = {_mirror(k): v for k, v in bases.items()}
+    curves = apply_traits(moves, bases, person.traits, frames)
     for name, angle in stance.items():
         extra = style["arm_rest"] if name.startswith("arm_raise") else 0.0
         curves[name] = curves.get(name, np.zeros(frames)) + angle + extra
     lean = curves.pop("lean", np.zeros(frames))
     yaw = np.full(frames, math.radians(style["facing"]))
     return Motion(joints=curves, lean=lean, yaw=yaw)
+
+
+# Which traits scale which joints' movement, and which add to which joints' posture
+# (degrees per unit of the trait). Knee bend is compensated at the hip and ankle by half
+# each, so a person with bent knees still stands upright on flat feet.
+_TRAIT_GAINS = {"arm_swing": ("arm_forward.",), "stride": ("hip_flex.", "knee_flex.",
+                                                           "ankle_dorsi.")}
+_TRAIT_OFFSETS = {
+    "slouch": {"spine_bend": 1.0},
+    "head_tilt": {"neck_bend": 1.0},
+    "knee_bend": {"knee_flex.L": 1.0, "knee_flex.R": 1.0, "hip_flex.L": 0.5,
+                  "hip_flex.R": 0.5, "ankle_dorsi.L": 0.5, "ankle_dorsi.R": 0.5},
+    "stance_width": {"hip_abduct.L": 1.0, "hip_abduct.R": 1.0},
+    "elbow_carry": {"elbow_flex.L": 1.0, "elbow_flex.R": 1.0},
+    "torso_twist": {"spine_twist": 1.0},
+}
+
+
+def _movement_gain(joint: str, traits: dict[str, float]) -> float:
+    gain = 1.0
+    for trait, prefixes in _TRAIT_GAINS.items():
+        if trait in traits and joint.startswith(prefixes):
+            gain *= traits[trait]
+    if "asymmetry" in traits and joint.endswith((".L", ".R")):
+        gain *= 1.0 + traits["asymmetry"] * (1.0 if joint.endswith(".L") else -1.0)
+    return gain
+
+
+def apply_traits(moves: dict[str, np.ndarray], bases: dict[str, float],
+                 traits: dict[str, float], frames: int) -> dict[str, np.ndarray]:
+    """Joint curves = posture + movement x the person's gains, plus their posture offsets
+    (recipes people.traits). Traits unknown here raise: a recipe trait must act on the
+    motion, or the benchmark would claim a style it does not show."""
+    unknown = set(traits) - set(_TRAIT_GAINS) - set(_TRAIT_OFFSETS) - {"asymmetry"}
+    if unknown:
+        raise KeyError(f"sample recipes: traits without an effect {sorted(unknown)}")
+    curves = {n: m * _movement_gain(n, traits) + bases[n] if traits else m + bases[n]
+              for n, m in moves.items()}
+    for trait, joints in _TRAIT_OFFSETS.items():
+        if trait not in traits:
+            continue
+        for joint, per_unit in joints.items():
+            curves[joint] = curves.get(joint, np.zeros(frames)) + per_unit * traits[trait]
+    return curves
 
 
 def travel_path(action: dict[str, Any], frames: int, fps: float, span: tuple[float, float],
@@ -950,6 +1043,9 @@ class _Kit:
     height: int
     frames: int
     fps: int
+    # Person id -> painted vertex colours: a person's look is fixed, and painting needs a
+    # body forward pass (about as slow as posing a clip's frames).
+    paint: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def generate_sample(out_dir: Path, videos: int = 4, seed: int = 0, width: int = 320,
@@ -968,34 +1064,20 @@ def generate_sample(out_dir: Path, videos: int = 4, seed: int = 0, width: int = 
     recipes = load_recipes()
     body = load_body()
     action_names = list(recipes["actions"])
-    room_names = list(recipes["rooms"])
     people_spec = recipes["people"]
     # Each identity appears in about videos_per_person videos; at least two people.
     n_people = max(min(videos, 2), math.ceil(videos / people_spec["videos_per_person"]))
     people = [sample_person(np.random.default_rng([seed, 1, i]), people_spec, i,
                             tuple(body.phenotype_labels)) for i in range(n_people)]
-    rooms: dict[int, Room] = {}
-    kit = _Kit(body=body, rig=Rig(body, recipes["joints"]),
-               bone_index=body.model.vertex_bone_indices.cpu().numpy(),
-               bone_weight=body.model.vertex_bone_weights.cpu().numpy(),
-               normals=_VertexNormals(body.faces, int(body.model.vertex_bone_indices.shape[0])),
-               renderer=SceneRenderer(width, height), recipes=recipes, width=width,
-               height=height, frames=frames, fps=fps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=videos * frames, unit="frame", desc="sample-data")
+    rooms = _Rooms(recipes, seed)
+    kit = _make_kit(body, recipes, width, height, frames, fps)
+    bar = _progress(progress, videos * frames, "sample-data")
     items: list[dict] = []
     try:
         for k in range(videos):
             action = action_names[k % len(action_names)]
-            r = k % len(room_names)
-            if r not in rooms:
-                rooms[r] = build_room(np.random.default_rng([seed, 2, r]), room_names[r],
-                                      recipes["rooms"][room_names[r]], recipes)
             rel = Path(action) / f"{action}_{k // len(action_names):02d}.mp4"
-            meta = _make_video(kit, out_dir, rel, k, action, people[k % n_people], rooms[r],
+            meta = _make_video(kit, out_dir, rel, k, action, people[k % n_people], rooms[k],
                                np.random.default_rng([seed, 3, k]), bar)
             meta["split"] = _split(k, len(action_names))
             meta["seed"] = seed
@@ -1005,7 +1087,222 @@ def generate_sample(out_dir: Path, videos: int = 4, seed: int = 0, width: int = 
         kit.renderer.close()
         if bar is not None:
             bar.close()
-    # The manifest goes last: its presence means the dataset is complete.
+    _write_manifest(out_dir, items)
+    return items
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+# The attributes the benchmark stratifies, and the recipe table of each one's classes.
+STRATIFIED = {"gender": "genders", "age_group": "age_groups", "skin_tone": "skin_tones",
+              "build": "builds"}
+BENCHMARK_KEYS = ("people", "repetitions", "actions", "width", "height", "frames", "fps")
+
+
+def benchmark_settings(recipes: dict[str, Any], seed: int = 0,
+                       **overrides: Any) -> dict[str, Any]:
+    """The recipes' `benchmark` sizes with the non-None `overrides`, checked."""
+    spec = recipes["benchmark"]
+    unknown = set(overrides) - set(BENCHMARK_KEYS)
+    if unknown:
+        raise TypeError(f"unknown benchmark settings {sorted(unknown)}")
+    out: dict[str, Any] = {k: spec[k] for k in BENCHMARK_KEYS}
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    out["actions"] = list(out["actions"])
+    out["seed"] = int(seed)
+    out["jitter"] = dict(spec["jitter"])
+    # Which recipes made the videos: a resumed run keeps only videos of the same ones.
+    out["recipes_digest"] = hashlib.sha256(
+        json.dumps(recipes, sort_keys=True).encode()).hexdigest()[:16]
+    if out["people"] < 2:
+        raise ValueError("benchmark people must be at least 2 (identity needs classes)")
+    if out["repetitions"] < 2:
+        raise ValueError("benchmark repetitions must be at least 2 (one train, one test)")
+    missing = [a for a in out["actions"] if a not in recipes["actions"]]
+    if missing or not out["actions"] or len(set(out["actions"])) < len(out["actions"]):
+        raise ValueError(f"benchmark actions must be distinct names of {list(recipes['actions'])}"
+                         f", got {out['actions']}")
+    if out["width"] < 32 or out["height"] < 32 or out["frames"] < 1 or out["fps"] <= 0:
+        raise ValueError("sample frames must be at least 32x32, frames >= 1 and fps > 0")
+    return out
+
+
+def benchmark_people(recipe: dict[str, Any], n: int, seed: int,
+                     phenotype_labels: tuple[str, ...]) -> list[Person]:
+    """n people with motion traits whose gender, age group, skin tone and build are
+    stratified: every class of each is as evenly represented as n allows."""
+    rng = np.random.default_rng([seed, 5])
+    fixed = {attr: stratified_classes(rng, list(recipe[table]), n)
+             for attr, table in STRATIFIED.items()}
+    return [sample_person(np.random.default_rng([seed, 1, i]), recipe, i, phenotype_labels,
+                          fixed={a: labels[i] for a, labels in fixed.items()}, traits=True)
+            for i in range(n)]
+
+
+def jitter_person(person: Person, jitter: dict[str, float], trait_ranges: dict[str, list],
+                  rng: np.random.Generator) -> Person:
+    """The person as they move in one repetition: their style and traits, each varied a
+    little (recipes benchmark.jitter), as nobody repeats a movement exactly."""
+    style = dict(person.style)
+    style["tempo"] *= 1.0 + rng.uniform(-jitter["tempo"], jitter["tempo"])
+    style["amplitude"] *= 1.0 + rng.uniform(-jitter["amplitude"], jitter["amplitude"])
+    style["facing"] += rng.uniform(-jitter["facing_deg"], jitter["facing_deg"])
+    frac = jitter["trait_fraction"]
+    traits = {k: v + rng.uniform(-frac, frac) * (trait_ranges[k][1] - trait_ranges[k][0])
+              for k, v in person.traits.items()}
+    return replace(person, style=style, traits=traits)
+
+
+def benchmark_rel_path(action: str, person_id: str, repetition: int) -> Path:
+    return Path(action) / f"{action}_{person_id}_r{repetition}.mp4"
+
+
+def generate_benchmark(out_dir: Path, people: int | None = None,
+                       repetitions: int | None = None, actions: list[str] | None = None,
+                       width: int | None = None, height: int | None = None,
+                       frames: int | None = None, fps: int | None = None, seed: int = 0,
+                       progress: bool = True) -> list[dict]:
+    """Write the privacy benchmark into `out_dir` (sizes: recipes `benchmark`, overridden
+    by the non-None arguments) and return one metadata dict per video.
+
+    Every person performs every action `repetitions` times; repetition r of a (person,
+    action) differs in room, camera, start position and phase, and a little in timing,
+    amplitude and traits. The last repetition is `test`, the others `train`. Videos are
+    DIR/<action>/<action>_<person>_r<r>.mp4 (+ .gt.npz, .json with `repetition`), then
+    DIR/benchmark.json (people table, settings) and DIR/manifest.csv, last. Videos whose
+    sidecar says they were made with the same settings are kept (an interrupted run
+    resumes where it stopped)."""
+    from stages.body import load_body
+
+    recipes = load_recipes()
+    settings = benchmark_settings(recipes, seed, people=people, repetitions=repetitions,
+                                  actions=actions, width=width, height=height, frames=frames,
+                                  fps=fps)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = load_body()
+    cast = benchmark_people(recipes["people"], settings["people"], seed,
+                            tuple(body.phenotype_labels))
+    names, reps = settings["actions"], settings["repetitions"]
+    total = len(cast) * len(names) * reps
+    rooms = _Rooms(recipes, seed)
+    kit = _make_kit(body, recipes, settings["width"], settings["height"], settings["frames"],
+                    settings["fps"])
+    bar = _progress(progress, total * settings["frames"], "sample-data --benchmark")
+    items: list[dict] = []
+    try:
+        for p, person in enumerate(cast):
+            for a, action in enumerate(names):
+                for r in range(reps):
+                    rel = benchmark_rel_path(action, person.id, r)
+                    meta = _kept_video(out_dir, rel, settings)
+                    if meta is None:
+                        rng = np.random.default_rng([seed, 4, p, a, r])
+                        moving = jitter_person(person, settings["jitter"],
+                                               recipes["people"]["traits"], rng)
+                        # Rooms and camera motions rotate with the repetition, so no
+                        # person or action is tied to one room or one camera.
+                        meta = _make_video(kit, out_dir, rel, len(items), action, moving,
+                                           rooms[p + a + r], rng, bar, camera_motion=p + r)
+                        meta.update(_benchmark_meta(moving, r, reps, settings))
+                        _write_json(out_dir / rel.with_suffix(".json"), meta)
+                    elif bar is not None:
+                        bar.update(settings["frames"])
+                    items.append(meta)
+    finally:
+        kit.renderer.close()
+        if bar is not None:
+            bar.close()
+    _write_json(out_dir / "benchmark.json", _benchmark_summary(cast, items, settings))
+    _write_manifest(out_dir, items)
+    return items
+
+
+def _benchmark_meta(moving: Person, repetition: int, reps: int,
+                    settings: dict[str, Any]) -> dict[str, Any]:
+    """What a benchmark sidecar adds: the split, the repetition and how the person moved
+    in it (their style with this repetition's jitter)."""
+    return {
+        "split": "test" if repetition == reps - 1 else "train",
+        "seed": settings["seed"],
+        "repetition": repetition,
+        "motion_style": {k: round(float(v), 4) for k, v in {**moving.style,
+                                                             **moving.traits}.items()},
+        "benchmark_settings": settings,
+    }
+
+
+def _kept_video(out_dir: Path, rel: Path, settings: dict[str, Any]) -> dict | None:
+    """The metadata of a video an earlier run with the same settings finished, else None."""
+    sidecar = out_dir / rel.with_suffix(".json")
+    if not (sidecar.is_file() and (out_dir / rel).is_file()
+            and (out_dir / rel.with_suffix(".gt.npz")).is_file()):
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("benchmark_settings") != settings or \
+            meta.get("generator_version") != GENERATOR_VERSION:
+        return None
+    return meta
+
+
+def _benchmark_summary(cast: list[Person], items: list[dict],
+                       settings: dict[str, Any]) -> dict[str, Any]:
+    counts: dict[str, dict[str, int]] = {}
+    for person in cast:
+        for attr in STRATIFIED:
+            cls = person.attributes[attr]
+            counts.setdefault(attr, {})[cls] = counts.setdefault(attr, {}).get(cls, 0) + 1
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "settings": settings,
+        "videos": len(items),
+        "splits": {s: sum(it["split"] == s for it in items) for s in ("train", "test")},
+        "people_per_class": counts,
+        "people": {p.id: p.attributes for p in cast},
+    }
+
+
+class _Rooms:
+    """The dataset's rooms, each recipe instanced once (on first use) and reused, as one
+    film set is in a real dataset; indexed by any int, cycling through the recipes."""
+
+    def __init__(self, recipes: dict[str, Any], seed: int):
+        self.recipes, self.seed = recipes, seed
+        self.names = list(recipes["rooms"])
+        self.built: dict[int, Room] = {}
+
+    def __getitem__(self, k: int) -> Room:
+        r = k % len(self.names)
+        if r not in self.built:
+            self.built[r] = build_room(np.random.default_rng([self.seed, 2, r]), self.names[r],
+                                       self.recipes["rooms"][self.names[r]], self.recipes)
+        return self.built[r]
+
+
+def _make_kit(body: Any, recipes: dict[str, Any], width: int, height: int, frames: int,
+              fps: int) -> _Kit:
+    return _Kit(body=body, rig=Rig(body, recipes["joints"]),
+                bone_index=body.model.vertex_bone_indices.cpu().numpy(),
+                bone_weight=body.model.vertex_bone_weights.cpu().numpy(),
+                normals=_VertexNormals(body.faces,
+                                       int(body.model.vertex_bone_indices.shape[0])),
+                renderer=SceneRenderer(width, height), recipes=recipes, width=width,
+                height=height, frames=frames, fps=fps)
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", desc=desc)
+
+
+def _write_manifest(out_dir: Path, items: list[dict]) -> None:
+    """The manifest goes last: its presence means the dataset is complete."""
     manifest = out_dir / "manifest.csv"
     tmp = _atomic_path(manifest)
     with tmp.open("w", newline="") as fh:
@@ -1014,13 +1311,14 @@ def generate_sample(out_dir: Path, videos: int = 4, seed: int = 0, width: int = 
         for it in items:
             writer.writerow([it["path"], it["label"], it["split"]])
     os.replace(tmp, manifest)
-    return items
 
 
 def _make_video(kit: _Kit, out_dir: Path, rel: Path, k: int, action_name: str, person: Person,
-                room: Room, rng: np.random.Generator, bar: Any) -> dict[str, Any]:
+                room: Room, rng: np.random.Generator, bar: Any,
+                camera_motion: int | None = None) -> dict[str, Any]:
     """Animate, frame, render and write one clip with its ground truth; return its
-    metadata (without split and seed)."""
+    metadata (without split and seed). The camera motion is the recipes' number
+    `camera_motion` (default: the video's index k), cycling."""
     from scipy.spatial.transform import Rotation
 
     from pipeline.video import VideoWriter
@@ -1032,7 +1330,8 @@ def _make_video(kit: _Kit, out_dir: Path, rel: Path, k: int, action_name: str, p
     pose = kit.rig.pose(motion.joints, frames)
     depth = ROOM_BACK_Z - _uniform(rng, cam_spec["back_gap"])
     place = np.array([rng.uniform(-0.3, 0.3), depth])
-    cam = make_camera(rng, cam_spec, cam_spec["motions"][k % len(cam_spec["motions"])],
+    motion_k = k if camera_motion is None else camera_motion
+    cam = make_camera(rng, cam_spec, cam_spec["motions"][motion_k % len(cam_spec["motions"])],
                       kit.width, kit.height, frames, place)
     yaw, anchor = motion.yaw, np.repeat(place[None], frames, 0)
     if "travel" in action:
@@ -1072,9 +1371,11 @@ def _make_video(kit: _Kit, out_dir: Path, rel: Path, k: int, action_name: str, p
         "transl": cam.to_camera(posed["transl"][:, None])[:, 0].astype(np.float32),
         "fps": np.array([fps, 1], np.int32),
     }
-    rest = _rest_body(kit.body, person)
-    colors = paint_body(rest["vertices"], rest["keypoints"], kit.bone_index, kit.bone_weight,
-                        kit.body.bone_labels, person)
+    if person.id not in kit.paint:
+        rest = _rest_body(kit.body, person)
+        kit.paint[person.id] = paint_body(rest["vertices"], rest["keypoints"], kit.bone_index,
+                                          kit.bone_weight, kit.body.bone_labels, person)
+    colors = kit.paint[person.id]
 
     target = out_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
