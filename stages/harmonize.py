@@ -10,9 +10,12 @@ Methods:
 - sd-inpaint: the classical composite, then Stable Diffusion inpainting (diffusers, a local
   model folder or checkpoint, offline) repaints each avatar and a band of `band_px` around
   its silhouette at low `strength`, so edges, lighting and contact shadows match while the
-  pose and identity stay (stages/sd_inpaint.py). Prompts describe each track's sampled
-  appearance (render/identities.json). The model sees only the composite, never the source
-  frame; pixels outside the repainted regions are exactly the classical composite's.
+  pose and identity stay (stages/sd_inpaint.py). An optional ControlNet sees the avatar's
+  depth (`control: depth`) or an OpenPose-style skeleton of its keypoints (`control:
+  keypoints`: fit's joints3d projected with fit's camera), so the repaint keeps its shape.
+  Prompts describe each track's sampled appearance (render/identities.json). The model
+  sees only the composite, never the source frame; pixels outside the repainted regions
+  are exactly the classical composite's.
 - auto: sd-inpaint when `model` is set and a CUDA device is present, classical otherwise
   (the log says which).
 
@@ -46,6 +49,8 @@ from stages.sd_inpaint import (
     check_controlnet_path,
     check_model_path,
     load_pipeline,
+    openpose_points,
+    project_points,
     track_prompts,
 )
 
@@ -85,6 +90,10 @@ class HarmonizeConfig(Section):
     )
     controlnet_scale: float = Field(
         1.0, ge=0.0, le=2.0, description="strength of the ControlNet conditioning"
+    )
+    control: Literal["depth", "keypoints"] = Field(
+        "depth", description="what the ControlNet sees: the avatar's depth (render/depth.mkv) "
+        "or an OpenPose-style skeleton of its keypoints (fit's joints3d through fit's camera)"
     )
     feather_px: float = Field(
         3.0, ge=0.0, le=100.0, description="width of the soft avatar edge, inside the silhouette"
@@ -160,7 +169,8 @@ class HarmonizeConfig(Section):
         assert self.model
         return SDOptions(
             model=self.model, checkpoint_config=self.checkpoint_config, controlnet=self.controlnet,
-            controlnet_scale=self.controlnet_scale, device=self.device, dtype=self.dtype,
+            controlnet_scale=self.controlnet_scale, control=self.control, device=self.device,
+            dtype=self.dtype,
             cpu_offload=self.cpu_offload, compile=self.compile, resolution=self.resolution,
             steps=self.steps, strength=self.strength, guidance=self.guidance, seed=self.seed,
             batch_size=self.batch_size, prompt=self.prompt, negative_prompt=self.negative_prompt,
@@ -323,7 +333,9 @@ class Compositor:
 class HarmonizeStage(Stage):
     name = "harmonize"
     version = "2"
-    requires = ("render", "inpaint")
+    # motion: bodies.npz (fit's, or the anonymized motion the avatars were rendered with),
+    # read only for control=keypoints (the avatars' projected keypoints).
+    requires = ("motion", "render", "inpaint")
     config_model = HarmonizeConfig
     resources = Resources(cpus=1.0)
     config: HarmonizeConfig
@@ -344,7 +356,7 @@ class HarmonizeStage(Stage):
                    (render / "avatar.mkv", "rgba")]
         if self.method == "sd-inpaint":
             sources.append((render / "instances.mkv", "gray"))
-            if self.config.controlnet:
+            if self.config.controlnet and self.config.control == "depth":
                 sources.append((render / "depth.mkv", "gray16le"))
         for path, _ in sources:
             if not path.is_file():
@@ -353,6 +365,8 @@ class HarmonizeStage(Stage):
         width, height, total = int(info["width"]), int(info["height"]), int(info["frame_count"])
         compositor = Compositor(self.config)
         sd = self._harmonizer(render) if self.method == "sd-inpaint" else None
+        keypoints = self._keypoints(job, total) if sd is not None and self.config.controlnet \
+            and self.config.control == "keypoints" else None
         flicker = {"sd": FlickerMeter(), "classical": FlickerMeter()}
 
         t, coverage, sensitive, repainted = 0, 0.0, 0.0, 0.0
@@ -381,7 +395,7 @@ class HarmonizeStage(Stage):
                     sensitive += float((sens == 255).mean(axis=(1, 2)).sum())
                     emit(composites, sens)
                 else:
-                    done = sd.push(self._frame_data(t, composites, chunk[3:], sens))
+                    done = sd.push(self._frame_data(t, composites, chunk[3:], sens, keypoints))
                     repainted, sensitive = self._emit_sd(done, flicker, emit,
                                                          repainted, sensitive)
                 t += len(plates)
@@ -420,8 +434,37 @@ class HarmonizeStage(Stage):
         return Harmonizer(repainter, prompts, self.config.keyframe_every,
                           self.config.keyframe_carry, self.config.band_feather_px)
 
+    def _keypoints(self, job: VideoJob, frames: int) -> np.ndarray:
+        """OpenPose-18 points of every track slot, float32 [T, P, 18, 3] (x px, y px,
+        visible): the motion stage's COCO-23 joints3d (the pose the avatars were rendered
+        with, never the real motion when motion is anonymized) through fit's camera. Render
+        scales each avatar about the camera centre to the real person's hips, so these land
+        on the rendered avatar up to its body proportions."""
+        from stages.body import COCO23
+
+        # A job built by hand without the motion stage (tests) reads fit's bodies.
+        source = "motion" if "motion" in job.inputs else "fit"
+        if source not in job.inputs:
+            raise VideoFailed("harmonize.control=keypoints reads motion/bodies.npz: no input")
+        path = Path(job.inputs[source]) / "bodies.npz"
+        if not path.is_file():
+            raise VideoFailed(f"{source}/{job.video.id}/bodies.npz missing")
+        with np.load(path) as z:
+            if not {"joints3d", "camera", "present"} <= set(z.files):
+                raise VideoFailed(f"{path.name} lacks joints3d, camera or present "
+                                  "(harmonize.control=keypoints needs them)")
+            joints, camera = z["joints3d"], z["camera"].reshape(-1)
+            present = z["present"].astype(bool)
+        if joints.ndim != 4 or joints.shape[0] != frames or joints.shape[2:] != (len(COCO23), 3) \
+                or present.shape != joints.shape[:2] or camera.shape != (4,):
+            raise VideoFailed(f"{path.name}: joints3d {joints.shape}, present {present.shape}, "
+                              f"camera {camera.shape} do not fit {frames} frames of COCO-23")
+        points = project_points(joints.astype(np.float64), camera)
+        points[..., 2] *= present[..., None]
+        return openpose_points(points, COCO23)
+
     def _frame_data(self, t0: int, composites: np.ndarray, extra: tuple[np.ndarray, ...],
-                    sens: np.ndarray) -> list[FrameData]:
+                    sens: np.ndarray, keypoints: np.ndarray | None = None) -> list[FrameData]:
         instances = extra[0]
         depth = extra[1] if len(extra) > 1 else None
         check_size(instances, composites.shape[2], composites.shape[1], "instances.mkv")
@@ -433,7 +476,9 @@ class HarmonizeStage(Stage):
             frames.append(FrameData(
                 index=t0 + j, composite=composites[j], regions=regions,
                 instances=instances[j], depth=None if depth is None else depth[j],
-                sensitivity=sens[j]))
+                sensitivity=sens[j],
+                keypoints=None if keypoints is None else
+                {s: keypoints[t0 + j, s] for s in regions if s < keypoints.shape[1]}))
         return frames
 
     @staticmethod

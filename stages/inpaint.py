@@ -17,7 +17,12 @@ What a removed pixel becomes, in order of preference:
    in nearby frames, not aligned, where their surroundings match the current frame (the
    surface a little further along the pan: texture of the right kind, not the true
    background there);
-4. image inpainting (cv2.inpaint, Telea or Navier-Stokes) for what is left.
+4. image inpainting (cv2.inpaint, Telea or Navier-Stokes) for what is left; with
+   `fill: sd` a diffusers inpainting model (`fill_model`, loaded offline like harmonize's,
+   stages/sd_inpaint.py) then repaints those pixels (and only those: every other pixel
+   stays the classical plate's) from a neutral prompt at strength 1, in a crop around each
+   hole, with the same seed in every frame; holes under `fill_min_px` keep cv2.inpaint's.
+   With `fill_every: N` the frames after a model-filled one take its fill (same view only).
    3 and 4 are flagged in filled.mkv: they are synthesized, the rest is real background.
 A sample (or the memory) that shows the detected person where they are now, because the
 detector missed them in that frame (over half of the person's pixels within
@@ -57,13 +62,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import Section
 from pipeline.stage import Resources, Stage, VideoFailed, VideoJob
@@ -84,6 +90,7 @@ from stages.compositing import (
     iter_aligned,
     video_info,
 )
+from stages.sd_inpaint import HoleFiller, Repainter, SDOptions, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,10 @@ _RING_SAMPLES = 4096
 _MEMORY_SLOTS = 15
 # Views closer than this (px at any frame corner) are the same: samples are read in place.
 _SAME_VIEW_PX = 0.25
+FILL_PROMPT = "empty room, background, no people"
+FILL_NEGATIVE = "person, people, human, body, face, hands, shadow, text, watermark"
+FILL_NEEDS_MODEL = ("inpaint.fill=sd needs inpaint.fill_model (a local diffusers inpainting "
+                    "folder or a .safetensors/.ckpt checkpoint)")
 
 
 class InpaintConfig(Section):
@@ -187,6 +198,65 @@ class InpaintConfig(Section):
         20, ge=6, le=1000,
         description="feature matches consistent with one homography needed to accept it",
     )
+    fill: Literal["classical", "sd"] = Field(
+        "classical",
+        description="what fills background never seen (after view_fill): classical "
+        "(cv2.inpaint) or sd (a diffusers inpainting model, fill_model; cv2.inpaint's "
+        "result is kept for holes under fill_min_px)",
+    )
+    fill_model: str | None = Field(
+        None, description="fill=sd: local diffusers inpainting folder or .safetensors/.ckpt"
+    )
+    fill_checkpoint_config: str | None = Field(
+        None, description="fill=sd with a single-file model: a local diffusers folder of the "
+        "same architecture (configs and tokenizer)",
+    )
+    fill_prompt: str = Field(FILL_PROMPT, description="fill=sd: prompt")
+    fill_negative_prompt: str = Field(FILL_NEGATIVE, description="fill=sd: negative prompt")
+    fill_steps: int = Field(20, ge=1, le=200, description="fill=sd: denoising steps")
+    fill_guidance: float = Field(
+        5.0, ge=0.0, le=30.0, description="fill=sd: classifier-free guidance (<= 1: off)"
+    )
+    fill_seed: int = Field(
+        0, ge=0, description="fill=sd: noise seed, the same for every frame of a video"
+    )
+    fill_resolution: int = Field(
+        512, ge=16, le=2048, description="fill=sd: side of the square crop the model sees"
+    )
+    fill_min_px: int = Field(
+        64, ge=1, le=10**7,
+        description="fill=sd: holes (groups of nearby hole pixels) smaller than this keep "
+        "the cv2.inpaint fill",
+    )
+    fill_every: int = Field(
+        1, ge=1, le=1000,
+        description="fill=sd: run the model at most every N-th frame; a frame between takes "
+        "the last model fill at its hole pixels when the camera has not moved since and no "
+        "hole of fill_min_px or more lies outside that fill (else the model runs again)",
+    )
+    fill_batch_size: int = Field(4, ge=1, le=256, description="fill=sd: crops per model call")
+    fill_device: Literal["auto", "cuda", "cpu"] = Field("auto", description="fill=sd: device")
+    fill_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="fill=sd: weights dtype (auto: float16 on CUDA, float32 on CPU)"
+    )
+
+    @model_validator(mode="after")
+    def _fill_checks(self) -> InpaintConfig:
+        if self.fill == "sd" and not self.fill_model:
+            raise ValueError(FILL_NEEDS_MODEL)
+        if self.fill_resolution % 8:
+            raise ValueError(f"fill_resolution {self.fill_resolution} is not a multiple of 8")
+        return self
+
+    def fill_options(self) -> SDOptions:
+        assert self.fill_model
+        return SDOptions(
+            model=self.fill_model, checkpoint_config=self.fill_checkpoint_config,
+            device=self.fill_device, dtype=self.fill_dtype, resolution=self.fill_resolution,
+            steps=self.fill_steps, strength=1.0, guidance=self.fill_guidance,
+            seed=self.fill_seed, batch_size=self.fill_batch_size, prompt=self.fill_prompt,
+            negative_prompt=self.fill_negative_prompt, section="inpaint",
+        )
 
 
 def auto_dilate_px(width: int, height: int) -> int:
@@ -707,6 +777,60 @@ def _load_boxes(path: Path, frames: int) -> tuple[np.ndarray | None, np.ndarray 
     return boxes, present
 
 
+class KeyFill:
+    """fill=sd with keyframes: the model fills a frame's holes, and the frames after it (up
+    to `every` - 1 of them) take that fill at their own hole pixels, as long as they show
+    the same view (same shot, camera not moved: the fill lies where it belongs) and none of
+    their holes of `filler.min_px` or more lies outside it. Hole pixels outside the carried
+    fill keep the classical fill; every other pixel stays the classical plate's."""
+
+    def __init__(self, filler: HoleFiller, every: int):
+        self.filler, self.every = filler, every
+        self.key: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.carried_frames = 0
+
+    @property
+    def crops(self) -> int:
+        return self.filler.crops
+
+    def __call__(self, t: int, plate: np.ndarray, hole: np.ndarray,
+                 window: BackgroundWindow) -> tuple[np.ndarray, np.ndarray]:
+        """The plate with its hole filled by the model (or carried), and those pixels."""
+        view = window.to_shot.get(t, IDENTITY)
+        if self.key is not None and self._same_view(t, view, window):
+            _, _, key_plate, key_done = self.key
+            if not self.filler.groups(hole & ~key_done):
+                share = hole & key_done
+                out = plate.copy()
+                out[share] = key_plate[share]
+                self.carried_frames += 1
+                return out, share
+        out, done = self.filler(plate, hole)
+        if done.any():
+            self.key = (t, view.copy(), out, done)
+        return out, done
+
+    def _same_view(self, t: int, view: np.ndarray, window: BackgroundWindow) -> bool:
+        assert self.key is not None
+        key_t, key_view = self.key[:2]
+        return (t - key_t < self.every and window.shot(t)[0] == window.shot(key_t)[0]
+                and window._warp_to(key_view, t) is None)
+
+
+def _fill_summary(counts: dict[str, int], filler: KeyFill, seconds: float,
+                  pixels: int) -> dict[str, Any]:
+    return {
+        # Hole pixels the model repainted or that took a keyframe's model fill (the rest of
+        # the hole: groups under fill_min_px, left to cv2.inpaint).
+        "sd_filled_pixels": counts["sd_filled"],
+        "sd_filled_fraction": round(counts["sd_filled"] / pixels, 6),
+        "sd_fill_frames": counts["sd_frames"],
+        "sd_fill_carried_frames": filler.carried_frames,
+        "sd_fill_crops": filler.crops,
+        "sd_fill_seconds": round(seconds, 3),
+    }
+
+
 def _camera_summary(window: BackgroundWindow) -> dict[str, Any]:
     tracker = window.tracker
     if tracker is None:
@@ -730,6 +854,21 @@ class InpaintStage(Stage):
     config: InpaintConfig
 
     _METHODS: ClassVar[dict[str, int]] = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
+    fill_pipe: Any = None
+
+    def setup(self) -> None:
+        if self.config.fill == "sd" and self.fill_pipe is None:
+            self.fill_pipe = load_pipeline(self.config.fill_options())
+
+    def teardown(self) -> None:
+        self.fill_pipe = None
+
+    def _filler(self) -> KeyFill | None:
+        if self.config.fill != "sd":
+            return None
+        self.setup()
+        return KeyFill(HoleFiller(Repainter(self.fill_pipe, self.config.fill_options()),
+                                  self.config.fill_min_px), self.config.fill_every)
 
     def process(self, job: VideoJob) -> dict[str, Any]:
         cfg = self.config
@@ -756,7 +895,9 @@ class InpaintStage(Stage):
         ring_px = max(2.0, dilate_px * buf_w / width)
 
         counts = {"removed": 0, "window": 0, "memory": 0, "view": 0, "inpainted": 0,
-                  "box_frames": 0}
+                  "box_frames": 0, "hole": 0, "sd_filled": 0, "sd_frames": 0}
+        filler = self._filler()
+        fill_seconds = 0.0
         t = 0
         out = job.out_dir
         fps = fps_of(info)
@@ -774,8 +915,15 @@ class InpaintStage(Stage):
                 for j, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
                     window.advance(t)
                     removed, boxed = remover(t, mask)
-                    plates[j], filled = self._plate(t, frame, removed, mask > cfg.mask_threshold,
-                                                    window, ring_px, counts)
+                    plates[j], filled, hole = self._plate(
+                        t, frame, removed, mask > cfg.mask_threshold, window, ring_px, counts)
+                    counts["hole"] += int(hole.sum())
+                    if filler is not None and hole.any():
+                        started = time.perf_counter()
+                        plates[j], done = filler(t, plates[j], hole, window)
+                        fill_seconds += time.perf_counter() - started
+                        counts["sd_filled"] += int(done.sum())
+                        counts["sd_frames"] += int(done.any())
                     removed_out[j][removed] = 255
                     filled_out[j][filled] = 255
                     counts["removed"] += int(removed.sum())
@@ -801,6 +949,11 @@ class InpaintStage(Stage):
             "view_fill_fraction": round(counts["view"] / pixels, 6),
             # Samples not used because they showed the person, undetected (per frame).
             "person_like_samples": round(window.person_like / max(1, t), 3),
+            # Part of inpainted_fraction never seen from any view: what image inpainting
+            # (cv2.inpaint, or the model with fill=sd) painted.
+            "hole_fraction": round(counts["hole"] / pixels, 6),
+            "fill": cfg.fill,
+            **(_fill_summary(counts, filler, fill_seconds, pixels) if filler else {}),
             "box_fallback_frames": counts["box_frames"],
             "scene_cuts": len(window.cuts),
             "dilate_px": dilate_px,
@@ -818,11 +971,11 @@ class InpaintStage(Stage):
         window: BackgroundWindow,
         ring_px: float,
         counts: dict[str, int],
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The clean plate of frame t and its synthesized pixels (image-inpainted, or
-        stand-ins from another view)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The clean plate of frame t, its synthesized pixels (image-inpainted, or
+        stand-ins from another view) and its hole (the image-inpainted ones)."""
         if not removed.any():
-            return frame, removed
+            return frame, removed, removed
         cfg = self.config
         flag = self._METHODS[cfg.method]
         small, small_removed = window.to_buffer(frame, removed)
@@ -855,6 +1008,10 @@ class InpaintStage(Stage):
                 cv2.resize(need.astype(np.uint8), (window.width, window.height),
                            interpolation=cv2.INTER_NEAREST) > 0
             )
+            hole = removed & (
+                cv2.resize(hole.astype(np.uint8), (window.width, window.height),
+                           interpolation=cv2.INTER_NEAREST) > 0
+            )
             # Full-resolution counts: split the removed pixels by what their buffer pixel got.
             n_need = int(need.sum())
             n_known = int(removed.sum()) - n_need
@@ -868,4 +1025,4 @@ class InpaintStage(Stage):
             counts["memory"] += int(from_memory.sum())
         counts["view"] += n_view
         counts["inpainted"] += n_need
-        return plate, need
+        return plate, need, hole

@@ -45,6 +45,15 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.fp16.safetensors")
 # Extra context around a person's band in the crop, as a share of the band's bounding box.
 CONTEXT_SHARE = 0.15
+# OpenPose's 18 body joints (the layout OpenPose ControlNets were trained on) as COCO-23
+# names; None is the neck, the shoulders' midpoint.
+OPENPOSE_JOINTS = (
+    "nose", None, "right_shoulder", "right_elbow", "right_wrist", "left_shoulder",
+    "left_elbow", "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip",
+    "left_knee", "left_ankle", "right_eye", "left_eye", "right_ear", "left_ear",
+)
+OPENPOSE_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+                  (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
 SKIN_WORDS = {1: "very fair", 2: "fair", 3: "medium", 4: "olive", 5: "brown", 6: "dark brown"}
 
 
@@ -56,6 +65,7 @@ class SDOptions:
     checkpoint_config: str | None = None
     controlnet: str | None = None
     controlnet_scale: float = 1.0
+    control: str = "depth"  # what the ControlNet sees: "depth" or "keypoints"
     device: str = "auto"
     dtype: str = "auto"
     cpu_offload: bool = False
@@ -68,6 +78,9 @@ class SDOptions:
     batch_size: int = 4
     prompt: str = "{person}"
     negative_prompt: str = ""
+    # The config section these options come from (harmonize, or inpaint for the fill),
+    # named in error messages.
+    section: str = "harmonize"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -76,29 +89,40 @@ def _missing_parts(folder: Path) -> list[str]:
     return [p for p in PIPELINE_PARTS if not (folder / p).exists()]
 
 
-def check_model_path(model: str, checkpoint_config: str | None = None) -> Path:
-    """The model path, or a ConfigError naming what is missing."""
+def check_model_path(model: str, checkpoint_config: str | None = None,
+                     keys: tuple[str, str] = ("harmonize.model", "harmonize.checkpoint_config"),
+                     ) -> Path:
+    """The model path, or a ConfigError naming what is missing. `keys` are the config keys
+    of the model and of its checkpoint config, for the messages."""
+    key, config_key = keys
     path = Path(model).expanduser()
     if not path.exists():
-        raise ConfigError(f"harmonize.model: {path} does not exist (a local diffusers "
+        raise ConfigError(f"{key}: {path} does not exist (a local diffusers "
                           "inpainting folder or a .safetensors/.ckpt file)")
     if path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise ConfigError(f"harmonize.model: {path} is not a .safetensors/.ckpt checkpoint")
+            raise ConfigError(f"{key}: {path} is not a .safetensors/.ckpt checkpoint")
         if not checkpoint_config:
             raise ConfigError(
-                f"harmonize.model: {path.name} is a single checkpoint; offline it needs "
-                "harmonize.checkpoint_config, a local diffusers folder of the same architecture "
+                f"{key}: {path.name} is a single checkpoint; offline it needs "
+                f"{config_key}, a local diffusers folder of the same architecture "
                 "(its model_index.json, component configs and tokenizer; weights not needed)")
         config = Path(checkpoint_config).expanduser()
         if not config.is_dir():
-            raise ConfigError(f"harmonize.checkpoint_config: {config} is not a folder")
+            raise ConfigError(f"{config_key}: {config} is not a folder")
         return path
     missing = _missing_parts(path)
     if missing:
-        raise ConfigError(f"harmonize.model: {path} is not a complete diffusers inpainting "
+        raise ConfigError(f"{key}: {path} is not a complete diffusers inpainting "
                           f"folder; missing: {', '.join(missing)}")
     return path
+
+
+def model_keys(opts: SDOptions) -> tuple[str, str]:
+    """Config keys of the model and checkpoint config in `opts`' section."""
+    if opts.section == "harmonize":
+        return "harmonize.model", "harmonize.checkpoint_config"
+    return f"{opts.section}.fill_model", f"{opts.section}.fill_checkpoint_config"
 
 
 def check_controlnet_path(controlnet: str) -> Path:
@@ -114,37 +138,37 @@ def check_controlnet_path(controlnet: str) -> Path:
     return path
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, key: str = "harmonize.device") -> str:
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("harmonize.device: cuda requested but no CUDA device is available")
+        raise ConfigError(f"{key}: cuda requested but no CUDA device is available")
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> Any:
+def resolve_dtype(dtype: str, device: str, key: str = "harmonize.dtype") -> Any:
     """fp16 by default on CUDA; fp32 on CPU (half precision is slow or unsupported there)."""
     import torch
 
     if dtype == "auto":
         return torch.float16 if device == "cuda" else torch.float32
     if device == "cpu" and dtype != "float32":
-        log.warning("harmonize.dtype=%s on CPU: using float32", dtype)
+        log.warning("%s=%s on CPU: using float32", key, dtype)
         return torch.float32
     return getattr(torch, dtype)
 
 
 def load_pipeline(opts: SDOptions) -> Any:
     """The inpainting pipeline (with ControlNet when configured), on its device."""
-    model = check_model_path(opts.model, opts.checkpoint_config)
+    model = check_model_path(opts.model, opts.checkpoint_config, model_keys(opts))
     controlnet_path = check_controlnet_path(opts.controlnet) if opts.controlnet else None
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         import diffusers
     except ImportError as exc:
-        raise ConfigError("harmonize.method=sd-inpaint needs diffusers, transformers and "
+        raise ConfigError(f"{model_keys(opts)[0]} needs diffusers, transformers and "
                           f"accelerate ({exc}); install them with: pip install "
                           "'avatarize[sd]'") from exc
     try:
@@ -152,14 +176,15 @@ def load_pipeline(opts: SDOptions) -> Any:
     except ConfigError:
         raise
     except Exception as exc:  # diffusers raises many kinds; all mean "cannot load this"
-        raise ConfigError(f"harmonize.model: cannot load {model}"
+        raise ConfigError(f"{model_keys(opts)[0]}: cannot load {model}"
                           + (f" with controlnet {controlnet_path}" if controlnet_path else "")
                           + f": {type(exc).__name__}: {exc}") from exc
 
 
 def _load(diffusers: Any, model: Path, controlnet_path: Path | None, opts: SDOptions) -> Any:
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
+    prefix = "harmonize." if opts.section == "harmonize" else f"{opts.section}.fill_"
+    device = resolve_device(opts.device, prefix + "device")
+    dtype = resolve_dtype(opts.dtype, device, prefix + "dtype")
     common: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if controlnet_path is not None:
         common["controlnet"] = diffusers.ControlNetModel.from_pretrained(
@@ -185,7 +210,7 @@ def _load(diffusers: Any, model: Path, controlnet_path: Path | None, opts: SDOpt
         import torch
 
         pipe.unet = torch.compile(pipe.unet)
-    log.info("harmonize: loaded %s (%s) on %s, %s", model, type(pipe).__name__, device,
+    log.info("%s: loaded %s (%s) on %s, %s", opts.section, model, type(pipe).__name__, device,
              str(dtype).removeprefix("torch."))
     return pipe
 
@@ -257,10 +282,10 @@ class Crop:
     side: int
 
     @staticmethod
-    def around(mask: np.ndarray) -> Crop:
+    def around(mask: np.ndarray, min_side: int = 0) -> Crop:
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-        side = int(np.ceil(max(h, w) * (1 + 2 * CONTEXT_SHARE))) + 2
+        side = max(min_side, int(np.ceil(max(h, w) * (1 + 2 * CONTEXT_SHARE))) + 2)
         cy, cx = (rows[0] + rows[-1]) // 2, (cols[0] + cols[-1]) // 2
         return Crop(int(cy - side // 2), int(cx - side // 2), side)
 
@@ -310,6 +335,68 @@ def depth_control(depth_mm: np.ndarray) -> np.ndarray:
     return np.repeat(np.rint(out * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
+def limb_colours(n: int) -> np.ndarray:
+    """OpenPose's palette: fully saturated hues 20 degrees apart from red, uint8 [n, 3]."""
+    hsv = np.zeros((1, n, 3), np.uint8)
+    hsv[0, :, 0] = (np.arange(n) * 10) % 180  # OpenCV hue unit: 2 degrees
+    hsv[0, :, 1:] = 255
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def openpose_points(coco: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """COCO keypoints [..., K, 3] (x px, y px, visible) named `names` -> OpenPose-18 [..., 18,
+    3]; the neck is visible where both shoulders are."""
+    out = np.zeros((*coco.shape[:-2], len(OPENPOSE_JOINTS), 3), np.float32)
+    for j, name in enumerate(OPENPOSE_JOINTS):
+        if name is not None:
+            out[..., j, :] = coco[..., names.index(name), :]
+    left, right = coco[..., names.index("left_shoulder"), :], \
+        coco[..., names.index("right_shoulder"), :]
+    out[..., 1, :2] = (left[..., :2] + right[..., :2]) / 2
+    out[..., 1, 2] = np.minimum(left[..., 2], right[..., 2])
+    return out
+
+
+def project_points(points: np.ndarray, camera: np.ndarray) -> np.ndarray:
+    """Camera-frame points [..., 3] (OpenCV axes, m) -> x px, y px, visible [..., 3];
+    visible is 0 behind the camera or where a coordinate is not finite."""
+    fx, fy, cx, cy = (float(v) for v in camera)
+    z = points[..., 2]
+    ok = np.isfinite(points).all(axis=-1) & (z > 1e-6)
+    safe_z = np.where(ok, z, 1.0)
+    out = np.zeros(points.shape, np.float32)
+    out[..., 0] = np.where(ok, fx * points[..., 0] / safe_z + cx, 0.0)
+    out[..., 1] = np.where(ok, fy * points[..., 1] / safe_z + cy, 0.0)
+    out[..., 2] = ok
+    return out
+
+
+def keypoint_control(points: np.ndarray | None, crop: Crop, size: int) -> np.ndarray:
+    """An OpenPose-style skeleton of one person (OpenPose-18 points [18, 3] in frame pixels)
+    seen through `crop` at size x size: coloured limbs (at 60 %) and joints on black,
+    uint8 [size, size, 3]. Drawn at the model's resolution, so strokes keep the width the
+    ControlNets were trained on (4 px at 512) whatever the crop's size."""
+    canvas = np.zeros((size, size, 3), np.uint8)
+    if points is None:
+        return canvas
+    scale = size / crop.side
+    # Frame pixel centres -> model pixel centres, in 1/16 px (cv2's fixed-point shift).
+    xy = ((points[:, :2] - (crop.x0, crop.y0) + 0.5) * scale - 0.5) * 16
+    xy = np.rint(xy).astype(np.int64)
+    seen = points[:, 2] > 0
+    width = max(1, round(size / 128))
+    colours = limb_colours(len(OPENPOSE_JOINTS))
+    for (a, b), colour in zip(OPENPOSE_LIMBS, colours, strict=False):
+        if seen[a] and seen[b]:
+            cv2.line(canvas, tuple(int(v) for v in xy[a]), tuple(int(v) for v in xy[b]),
+                     tuple(int(round(0.6 * c)) for c in colour), 2 * width, cv2.LINE_AA, 4)
+    for j in np.flatnonzero(seen):
+        colour = colours[j]
+        cv2.circle(canvas, tuple(int(v) for v in xy[j]), width * 16,
+                   tuple(int(c) for c in colour), -1, cv2.LINE_AA, 4)
+    return canvas
+
+
 # ---------------------------------------------------------------------------- the step
 
 class Repainter:
@@ -352,6 +439,62 @@ class Repainter:
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.float32)
 
 
+# ---------------------------------------------------------------------------- plate holes
+
+class HoleFiller:
+    """Learned inpainting of a clean plate's holes (background never seen uncovered).
+
+    Each group of nearby hole pixels gets a square crop (at least `min_crop` px, so the
+    model sees enough of the room); the model repaints the hole (its mask is the hole,
+    grown conservatively by the resize) at strength 1 from the same seed in every frame,
+    and only the hole pixels are written back: every other plate pixel stays as it was.
+    Holes smaller than `min_px` keep their classical fill (not worth a model call).
+    """
+
+    def __init__(self, repaint: Repainter, min_px: int = 64, min_crop: int = 96,
+                 group_px: int = 8):
+        self.repaint, self.min_px = repaint, min_px
+        self.min_crop, self.group_px = min_crop, group_px
+        self.crops = 0
+
+    def groups(self, hole: np.ndarray) -> list[np.ndarray]:
+        """Hole pixels grouped by proximity (within 2 x group_px), large enough groups only."""
+        near = cv2.dilate(hole.astype(np.uint8), cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (2 * self.group_px + 1,) * 2))
+        n, labels = cv2.connectedComponents(near, connectivity=8)
+        out = []
+        for k in range(1, n):
+            part = hole & (labels == k)
+            if int(part.sum()) >= self.min_px:
+                out.append(part)
+        return out
+
+    def __call__(self, plate: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The plate with the (large enough) holes repainted, and the repainted pixels."""
+        parts = self.groups(hole) if hole.any() else []
+        done = np.zeros(hole.shape, bool)
+        if not parts:
+            return plate, done
+        size = self.repaint.opts.resolution
+        crops = [Crop.around(p, self.min_crop) for p in parts]
+        images = np.stack([c.cut(plate, size) for c in crops])
+        # INTER_AREA then > 0: any hole pixel under a model pixel masks it.
+        masks = np.stack([c.cut(p.astype(np.uint8) * 255, size) > 0
+                          for c, p in zip(crops, parts, strict=True)])
+        prompt = self.repaint.opts.prompt
+        result = self.repaint(images, masks, [prompt] * len(parts), [0] * len(parts))
+        self.crops += len(parts)
+        out = plate.copy()
+        height, width = hole.shape
+        for crop, part, rep in zip(crops, parts, result, strict=True):
+            fy, fx, cy, cx = crop.inside(height, width)
+            patch = crop.uncut(rep)[cy, cx]
+            sel = part[fy, fx]
+            out[fy, fx][sel] = np.clip(np.rint(patch[sel]), 0, 255).astype(np.uint8)
+            done |= part
+        return out, done
+
+
 # ---------------------------------------------------------------------------- streaming
 
 @dataclass
@@ -364,6 +507,8 @@ class FrameData:
     instances: np.ndarray  # uint8 [H, W], render/instances.mkv
     depth: np.ndarray | None = None  # uint16 [H, W] mm, for the ControlNet
     sensitivity: np.ndarray | None = None  # uint8 [H, W] of the composite (255 = real)
+    # slot -> OpenPose-18 points [18, 3] (x px, y px, visible), for a keypoint ControlNet
+    keypoints: dict[int, np.ndarray] | None = None
     key: bool = False
     residuals: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> float32 [H,W,3]
     output: np.ndarray | None = None
@@ -430,7 +575,7 @@ class Harmonizer:
                           for c, (f, s) in zip(crops, jobs, strict=True)])
         controls = None
         if self.repaint.opts.controlnet:
-            controls = np.stack([c.cut(depth_control(_own_depth(f, s)), size)
+            controls = np.stack([self._control(f, s, c, size)
                                  for c, (f, s) in zip(crops, jobs, strict=True)])
         info = [self.prompts.get(s, (s, "a person")) for _, s in jobs]
         result = self.repaint(images, masks, [p for _, p in info], [t for t, _ in info],
@@ -442,6 +587,12 @@ class Harmonizer:
             residual = np.zeros(f.composite.shape, np.float32)
             residual[fy, fx] = crop.uncut(rep)[cy, cx] - f.composite[fy, fx]
             f.residuals[s] = residual
+
+    def _control(self, f: FrameData, slot: int, crop: Crop, size: int) -> np.ndarray:
+        """The ControlNet's image for one crop: the person's own depth or skeleton."""
+        if self.repaint.opts.control == "keypoints":
+            return keypoint_control((f.keypoints or {}).get(slot), crop, size)
+        return crop.cut(depth_control(_own_depth(f, slot)), size)
 
     def _carry(self, f: FrameData, k0: FrameData | None, k1: FrameData) -> None:
         """Residuals of frame f from the keyframes around it, blended by distance."""

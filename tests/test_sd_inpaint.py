@@ -309,3 +309,130 @@ def test_auto_picks_sd_inpaint_only_with_a_model_and_cuda(tiny, monkeypatch, cap
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_method(cfg) == "sd-inpaint"
     assert resolve_method(HarmonizeConfig(method="auto")) == "classical"
+
+
+# ---------------------------------------------------------------- keypoint ControlNet
+
+# A stick figure (COCO-23, frame pixels relative to the ellipse avatar's centre x, y=30).
+FIGURE = {"nose": (0, -17), "left_eye": (1, -18), "right_eye": (-1, -18),
+          "left_ear": (2, -17), "right_ear": (-2, -17), "left_shoulder": (5, -11),
+          "right_shoulder": (-5, -11), "left_elbow": (7, -3), "right_elbow": (-7, -3),
+          "left_wrist": (7, 4), "right_wrist": (-7, 4), "left_hip": (3, 4),
+          "right_hip": (-3, 4), "left_knee": (3, 11), "right_knee": (-3, 11),
+          "left_ankle": (3, 18), "right_ankle": (-3, 18), "left_big_toe": (4, 19),
+          "right_big_toe": (-4, 19), "left_small_toe": (5, 19), "right_small_toe": (-5, 19),
+          "left_heel": (3, 19), "right_heel": (-3, 19)}
+CAMERA = np.array([100.0, 100.0, W / 2, H / 2], np.float32)
+
+
+def figure_pixels(t: int) -> np.ndarray:
+    """COCO-23 pixel positions [23, 2] of the figure in frame t (it walks with the avatar)."""
+    from stages.body import COCO23
+
+    return np.array([(20 + 2 * t + FIGURE[n][0], 30 + FIGURE[n][1]) for n in COCO23],
+                    np.float32)
+
+
+def write_bodies(folder: Path) -> None:
+    """fit/bodies.npz whose joints3d project (through CAMERA) onto the figure at 2.5 m."""
+    folder.mkdir(parents=True, exist_ok=True)
+    z = 2.5
+    px = np.stack([figure_pixels(t) for t in range(T)])[:, None]  # [T, 1, 23, 2]
+    joints = np.concatenate([(px[..., :1] - CAMERA[2]) * z / CAMERA[0],
+                             (px[..., 1:] - CAMERA[3]) * z / CAMERA[1],
+                             np.full(px[..., :1].shape, z, np.float32)], axis=-1)
+    np.savez(folder / "bodies.npz", track_ids=np.array([7], np.int32),
+             present=np.ones((T, 1), bool), joints3d=joints.astype(np.float32), camera=CAMERA)
+
+
+def test_keypoint_control_draws_an_openpose_skeleton_where_the_keypoints_are():
+    from stages.body import COCO23
+    from stages.sd_inpaint import (
+        OPENPOSE_JOINTS,
+        Crop,
+        keypoint_control,
+        limb_colours,
+        openpose_points,
+    )
+
+    px = figure_pixels(0)
+    coco = np.concatenate([px, np.ones((len(px), 1), np.float32)], axis=1)
+    coco[COCO23.index("left_wrist"), 2] = 0  # not seen: no left forearm, no wrist dot
+    points = openpose_points(coco, COCO23)
+    crop = Crop(y0=0, x0=0, side=56)
+    size = 112  # 2 model px per frame px
+    image = keypoint_control(points, crop, size)
+
+    def at(x: float, y: float) -> np.ndarray:
+        return image[round((y - crop.y0 + 0.5) * 2 - 0.5), round((x - crop.x0 + 0.5) * 2 - 0.5)]
+
+    colours = limb_colours(len(OPENPOSE_JOINTS)).astype(int)
+    for j, name in enumerate(OPENPOSE_JOINTS):
+        if name in (None, "left_wrist"):
+            continue
+        seen = at(*px[COCO23.index(name)]).astype(int)
+        if 0 < j < 14:  # body joints: their own colour (the face dots overlap each other)
+            # (antialiased 1-px dots: the nearest palette colour is the joint's own)
+            assert np.abs(colours - seen).sum(axis=1).argmin() == j, name
+        assert seen.max() > 100, name
+    # The right upper arm (limb 2: shoulder 2 -> elbow 3) midway, at 60 % of its colour.
+    shoulder, elbow = px[COCO23.index("right_shoulder")], px[COCO23.index("right_elbow")]
+    assert np.abs(at(*(shoulder + elbow) / 2).astype(int) - 0.6 * colours[2]).max() <= 3
+    wrist, left_elbow = px[COCO23.index("left_wrist")], px[COCO23.index("left_elbow")]
+    assert not at(*wrist).any() and not at(*(wrist * 0.6 + left_elbow * 0.4)).any()
+    assert not image[:10].any() and not image[:, -20:].any()  # black away from the figure
+    assert 0.02 < (image.max(axis=2) > 0).mean() < 0.3
+    assert not keypoint_control(None, crop, size).any()
+
+
+def test_keypoint_controlnet_sees_the_avatars_skeleton(tmp_path, tiny):
+    from stages.compositing import dilate
+    from stages.sd_inpaint import Crop
+
+    cfg = sd_config(tiny["model"], controlnet=str(tiny["controlnet"]), control="keypoints",
+                    controlnet_scale=2.0, keyframe_every=6)
+    avatar = ellipse_avatar()
+    tmp = tmp_path / "kp"
+    tmp.mkdir()
+    job = make_job(tmp, dark_plate(), np.zeros((T, H, W), np.uint8), avatar)
+    add_render_extras(job, avatar)
+    (job.inputs["render"] / "depth.mkv").unlink()  # the keypoint control does not read it
+    write_bodies(tmp / "fit")
+    job.inputs["fit"] = tmp / "fit"
+    stage = HarmonizeStage(cfg, job.run)
+    stage.setup()
+    pipe, controls = stage.pipe, []
+
+    def spy(**kwargs):
+        controls.extend(np.asarray(kwargs["control_image"]))
+        return type(pipe).__call__(pipe, **kwargs)
+
+    stage.pipe = spy
+    summary = stage.process(job)
+    assert summary["repainted_crops"] == len(controls) == 5  # frames 0, 6, 12, 18, 23
+    inst = avatar[..., 3] > 127
+    for t, control in zip((0, 6, 12, 18, 23), controls, strict=True):
+        crop = Crop.around(dilate(inst[t], cfg.band_px))
+        scale = TINY_SIZE / crop.side
+        drawn = control.max(axis=2) > 0
+        for x, y in figure_pixels(t)[[0, 5, 6, 13, 14]]:  # nose, shoulders, knees
+            row, col = (round((v - o + 0.5) * scale - 0.5) for v, o in ((y, crop.y0),
+                                                                     (x, crop.x0)))
+            assert drawn[row, col], (t, x, y)
+        assert drawn.mean() < 0.6
+    comp = read(job.out_dir / "composite.mkv", "rgb24")
+    depth = run_sd(tmp_path / "depth", sd_config(
+        tiny["model"], controlnet=str(tiny["controlnet"]), controlnet_scale=2.0,
+        keyframe_every=6))
+    assert not np.array_equal(comp, depth["comp"])
+
+
+def test_keypoint_control_without_the_fit_artifact_fails_the_video(tmp_path, tiny):
+    from pipeline.stage import VideoFailed
+
+    cfg = sd_config(tiny["model"], controlnet=str(tiny["controlnet"]), control="keypoints")
+    job = make_job(tmp_path, dark_plate(), np.zeros((T, H, W), np.uint8), ellipse_avatar())
+    add_render_extras(job, ellipse_avatar())
+    job.inputs["fit"] = tmp_path / "fit"
+    with pytest.raises(VideoFailed, match="bodies.npz missing"):
+        HarmonizeStage(cfg, job.run).process(job)
