@@ -2,12 +2,16 @@
 
     avatarize run [--config FILE] [--input DIR] [--output DIR] [--workdir DIR]
                   [--stage NAME ...] [--force] [--set KEY=VALUE ...]
+                  [--executor local|ray] [--ray-address ADDR] [--ray-workers N]
     avatarize status [--config FILE]
     avatarize sample-data DIR [--videos N] [--seed S]
+    avatarize sample-data DIR --benchmark [--people N --repetitions R --actions a,b ...]
     avatarize doctor
 
 Exit codes: 0 every video succeeded; 1 the run finished but some videos failed;
-2 usage or configuration error (the message names the key and the problem).
+2 usage or configuration error (the message names the key and the problem);
+3 `run` stopped because the workdir or output could not be written (disk full, read-only);
+the artifacts finished before it are intact and the next run resumes from them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("pipeline.yaml")
-EXIT_OK, EXIT_FAILED_VIDEOS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_VIDEOS, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 
 log = logging.getLogger("avatarize")
 
@@ -64,9 +68,23 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _check_writable(key: str, folder: Path) -> None:
+    """Create the folder and a file in it now, so that an unwritable output or workdir
+    is a clear error before any work, not a failure of every video."""
+    probe = folder / f".avatarize-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {folder}: {exc.strerror or exc}") from exc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.dataset import check_layout, discover
+    from pipeline.executors import make_executor
     from pipeline.runner import Runner
+    from pipeline.store import StorageError
     from stages import stage_classes
 
     cfg = _load(args)
@@ -74,11 +92,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     videos = discover(cfg.run.input)
     if not videos:
         raise ConfigError(f"run.input: no videos found in {cfg.run.input}")
-    cfg.run.output.mkdir(parents=True, exist_ok=True)
-    runner = Runner(cfg, stage_classes())
-    log.info("%d videos from %s", len(videos), cfg.run.input)
+    _check_writable("run.output", cfg.run.output)
+    _check_writable("run.workdir", cfg.run.workdir)
+    executor = make_executor(args.executor, args.ray_address, args.ray_workers)
+    log.info("%d videos from %s (executor: %s)", len(videos), cfg.run.input, executor.name)
     started = time.perf_counter()
-    report = runner.run(videos, selected=args.stage, force=args.force)
+    try:
+        report = Runner(cfg, stage_classes(), executor).run(
+            videos, selected=args.stage, force=args.force)
+    except StorageError as exc:
+        print(f"avatarize: error: {exc.strerror or exc}; finished artifacts are kept, "
+              "free space or fix the folder and run again to resume", file=sys.stderr)
+        return EXIT_STORAGE
+    finally:
+        executor.close()
     elapsed = time.perf_counter() - started
     computed = sum(len(o.computed) for o in report.outcomes)
     reused = sum(len(o.reused) for o in report.outcomes)
@@ -110,12 +137,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
-    from stages.sample_data import generate_sample
+    from stages.sample_data import generate_benchmark, generate_sample
 
-    if args.videos < 1:
+    size = {k: getattr(args, k) for k in ("width", "height", "frames", "fps")
+            if getattr(args, k) is not None}
+    if args.benchmark:
+        if args.videos is not None:
+            raise ConfigError("--videos: not with --benchmark (use --people, --repetitions)")
+        actions = [a.strip() for a in args.actions.split(",") if a.strip()] \
+            if args.actions is not None else None
+        try:
+            items = generate_benchmark(Path(args.dir), people=args.people,
+                                       repetitions=args.repetitions, actions=actions,
+                                       seed=args.seed, progress=not args.no_progress, **size)
+        except ValueError as exc:
+            raise ConfigError(f"sample-data --benchmark: {exc}") from exc
+        print(f"wrote {len(items)} benchmark videos to {args.dir} "
+              f"(people table in {Path(args.dir) / 'benchmark.json'})")
+        return EXIT_OK
+    bench_only = [f"--{k}" for k in ("people", "repetitions", "actions")
+                  if getattr(args, k) is not None]
+    if bench_only:
+        raise ConfigError(f"{', '.join(bench_only)}: only with --benchmark")
+    videos = 4 if args.videos is None else args.videos
+    if videos < 1:
         raise ConfigError("--videos: must be at least 1")
-    items = generate_sample(Path(args.dir), videos=args.videos, seed=args.seed,
-                            progress=not args.no_progress)
+    try:
+        items = generate_sample(Path(args.dir), videos=videos, seed=args.seed,
+                                progress=not args.no_progress, **size)
+    except ValueError as exc:
+        raise ConfigError(f"sample-data: {exc}") from exc
     print(f"wrote {len(items)} videos to {args.dir}")
     return EXIT_OK
 
@@ -217,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a config value, e.g. --set export.preview=true")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: this process (default); ray: stages as Ray actors, several "
+                     "videos at once (pip install 'avatarize[ray]'; the workdir must be a "
+                     "folder every worker sees)")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="join this Ray cluster (e.g. auto or ray://head:10001) instead of "
+                     "starting a local one")
+    run.add_argument("--ray-workers", type=int, metavar="N",
+                     help="actors per stage (default: as many as the cluster's CPUs allow); "
+                     "a local Ray gets N CPUs")
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="per stage: videos done / stale / failed / missing")
@@ -229,8 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sd = sub.add_parser("sample-data", help="write the generated sample dataset")
     sd.add_argument("dir", help="where to write it")
-    sd.add_argument("--videos", type=int, default=4)
+    sd.add_argument("--videos", type=int, help="plain sample: how many videos (default 4)")
     sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--benchmark", action="store_true",
+                    help="the privacy benchmark: people x actions x repetitions "
+                         "(sizes: assets/sample_recipes.yaml benchmark)")
+    sd.add_argument("--people", type=int, help="benchmark: number of people")
+    sd.add_argument("--repetitions", type=int, help="benchmark: repetitions per action")
+    sd.add_argument("--actions", help="benchmark: comma-separated action names")
+    for flag in ("--width", "--height", "--frames", "--fps"):
+        sd.add_argument(flag, type=int, help="default: 320x240, 48 frames at 24 fps for the "
+                        "plain sample; the recipes' benchmark table for --benchmark")
     sd.add_argument("--no-progress", action="store_true")
     sd.set_defaults(func=cmd_sample_data)
 
@@ -274,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="check rendering, detector, body model, torch")
     doc.set_defaults(func=cmd_doctor)
+
+    # Privacy measurement and the learned anonymizers own their sub-commands.
+    from privacy.baselines import add_cli as add_baseline_cli
+    from privacy.motion_attack import add_cli as add_motion_cli
+    from privacy.tubelet_anonymizer import add_cli as add_tubelet_cli
+    from privacy.video_attack import add_cli as add_attack_cli
+
+    add_attack_cli(sub)
+    add_baseline_cli(sub)
+    add_motion_cli(sub)
+    add_tubelet_cli(sub)
     return p
 
 

@@ -33,6 +33,8 @@ class RunSection(Section):
     workdir: Path = Field(Path("work/sample"), description="per-stage artifacts (resumable)")
     chunk_frames: int = Field(64, ge=1, le=4096, description="frames held in memory at once")
     progress: bool = True
+    retries: int = Field(2, ge=0, le=20, description="re-runs of a video's stage after an "
+                         "unexpected error or a dead worker, before it is recorded as failed")
 
 
 def _format_validation_error(section: str, err: ValidationError) -> str:

@@ -7,30 +7,38 @@ equals the expected one is done; anything else is stale or missing and is recomp
 Because upstream fingerprints are part of it, a changed stage makes everything
 downstream stale.
 
-Stages run one after the other, each over all videos (models load once per stage); a
-video that fails is recorded with its reason and the others go on.
+Stages run one after the other, each over all videos that need it (models load once per
+stage and worker); an executor (pipeline/executors) computes a stage's videos, in this
+process or on Ray, and the runner keeps the books (fingerprints, failures, the summary), so
+they are the same under every executor. A video that fails is recorded with its reason and
+the others go on; one that raised an unexpected error (or whose worker died) is retried
+`run.retries` times first. A storage problem (disk full, unwritable workdir) stops the run
+with StorageError; finished artifacts stay intact.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.config import Config, ConfigError, fingerprint_of
 from pipeline.dataset import VideoItem
-from pipeline.stage import Stage, VideoFailed, VideoJob
-from pipeline.store import META, ArtifactStore, write_json_atomic
+from pipeline.executors import Executor, StageTask, TaskResult
+from pipeline.executors.local import LocalExecutor
+from pipeline.stage import Stage
+from pipeline.store import ArtifactStore, StorageError, storage_problem
 
 log = logging.getLogger("avatarize")
+
+# Re-runs of a video's stage after an unexpected error or a dead worker (run.retries).
+DEFAULT_RETRIES = 2
 
 
 @dataclass
@@ -77,8 +85,10 @@ def source_identity(video: VideoItem) -> str:
 
 
 class Runner:
-    def __init__(self, config: Config, stage_classes: Sequence[type[Stage]]):
+    def __init__(self, config: Config, stage_classes: Sequence[type[Stage]],
+                 executor: Executor | None = None):
         self.config = config
+        self.executor: Executor = executor if executor is not None else LocalExecutor()
         self.classes = check_graph(stage_classes)
         self.order = [cls.name for cls in stage_classes]
         self.store = ArtifactStore(config.run.workdir)
@@ -156,87 +166,68 @@ class Runner:
         self.store.clean_tmp()
         outcomes = {v.id: VideoOutcome(v) for v in videos}
         report = RunReport(list(outcomes.values()), stages)
-        show = self.config.run.progress
+        retries = int(getattr(self.config.run, "retries", DEFAULT_RETRIES))
         for name in stages:
             instance = self.instance(name)
             started = time.perf_counter()
-            set_up = False
-            bar = tqdm(videos, desc=f"{name:>9}", unit="video", disable=not show, leave=True)
-            for video in bar:
+            tasks: list[StageTask] = []
+            for video in videos:
                 outcome = outcomes[video.id]
                 if outcome.status != "ok":
                     continue
-                fp = self.expected_fingerprint(name, video)
                 if name not in forced and self.entry_state(name, video, instance) == "done":
                     outcome.reused.append(name)
                     continue
-                if not set_up:
-                    instance.setup()
-                    set_up = True
-                bar.set_postfix_str(video.id[-40:])
-                self._process_one(instance, video, fp, outcome, show)
-            bar.close()
+                task = self._task(name, video, outcome)
+                if task is not None:
+                    tasks.append(task)
+            fps = {t.video.id: t.fingerprint for t in tasks}
+
+            def on_result(result: TaskResult, name: str = name,
+                          fps: dict[str, str] = fps) -> None:
+                self._record(name, fps[result.video_id], outcomes[result.video_id], result)
+
+            self.executor.run_stage(instance, tasks, self.store, retries, on_result)
             instance.finish(self, report)
-            if set_up:
-                instance.teardown()
+            self.executor.end_stage(instance)
             report.seconds[name] = time.perf_counter() - started
         return report
 
-    def _process_one(
-        self, instance: Stage, video: VideoItem, fp: str, outcome: VideoOutcome, show: bool
-    ) -> None:
-        name = instance.name
+    def _task(self, name: str, video: VideoItem, outcome: VideoOutcome) -> StageTask | None:
         inputs: dict[str, Path] = {}
         upstream: dict[str, dict[str, Any]] = {}
-        for dep in instance.requires:
+        fp = self.expected_fingerprint(name, video)
+        for dep in self.classes[name].requires:
             entry = self.store.get(dep, video.id)
             if entry is None:
                 # Only reachable when an upstream entry vanished mid-run.
                 outcome.status, outcome.failed_stage = "failed", name
                 outcome.reason = f"{dep} artifact missing"
-                return
+                return None
             inputs[dep] = entry.path
             upstream[dep] = entry.summary
-        frames_bar = tqdm(desc=f"{'':>9}  {video.id[-30:]}", unit="frame", leave=False,
-                          disable=not show)
-        frames_done = [0]
+        return StageTask(video=video, fingerprint=fp, inputs=inputs, upstream=upstream)
 
-        def advance(n: int) -> None:
-            frames_done[0] += n
-            frames_bar.update(n)
-
-        started = time.perf_counter()
-        try:
-            with self.store.writing(name, video.id) as tmp:
-                job = VideoJob(video=video, inputs=inputs, out_dir=tmp, run=self.config.run,
-                               upstream=upstream, advance=advance)
-                summary = instance.process(job) or {}
-                meta = {
-                    "stage": name,
-                    "version": instance.version,
-                    "fingerprint": fp,
-                    "video": video.id,
-                    "seconds": round(time.perf_counter() - started, 3),
-                    "frames": frames_done[0],
-                    "summary": summary,
-                }
-                write_json_atomic(tmp / META, meta)
-            outcome.computed.append(name)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except VideoFailed as exc:
-            self._fail(name, video, fp, outcome, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one video's bug must not stop the run
-            reason = f"{exc.__class__.__name__}: {exc}"
-            log.debug("%s failed on %s:\n%s", name, video.id, traceback.format_exc())
-            self._fail(name, video, fp, outcome, reason)
-        finally:
-            frames_bar.close()
+    def _record(self, stage: str, fp: str, outcome: VideoOutcome, result: TaskResult) -> None:
+        """The runner's bookkeeping of one finished task, whichever executor ran it."""
+        if result.status == "ok":
+            outcome.computed.append(stage)
+            return
+        if result.status == "storage":
+            raise StorageError(errno.EIO, f"{stage} on {outcome.video.id}: {result.reason}")
+        reason = result.reason or "unknown error"
+        if result.status == "error" and result.attempts > 1:
+            reason = f"{reason} (after {result.attempts} attempts)"
+        self._fail(stage, outcome.video, fp, outcome, reason)
 
     def _fail(self, stage: str, video: VideoItem, fp: str, outcome: VideoOutcome,
               reason: str) -> None:
         log.warning("%s: %s failed: %s", video.rel_path, stage, reason)
-        self.store.record_failure(stage, video.id, fp, reason)
+        try:
+            self.store.record_failure(stage, video.id, fp, reason)
+        except OSError as exc:
+            problem = storage_problem(exc, (self.store.root,)) or str(exc)
+            raise StorageError(exc.errno, problem) from exc
         outcome.status, outcome.failed_stage, outcome.reason = "failed", stage, reason
 
     # ---- status -------------------------------------------------------------------

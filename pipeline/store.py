@@ -11,6 +11,7 @@ with, the stage version and the stage's summary.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,43 @@ from pathlib import Path
 from typing import Any
 
 META = "meta.json"
+
+# errnos that mean "this folder cannot take more files" rather than "this video is bad".
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.ENOTDIR, errno.EFBIG}
+
+
+class StorageError(OSError):
+    """The workdir or output folder cannot be written (disk full, read-only, not a
+    folder). Not a per-video failure: the run stops; finished artifacts stay intact."""
+
+
+def storage_problem(exc: BaseException, roots: tuple[Path, ...]) -> str | None:
+    """A readable message when `exc` (or an exception it was raised from) is a storage
+    problem: a disk-full error anywhere, or another write error on a path inside one of
+    `roots`. None otherwise (e.g. an unreadable input is a per-video failure)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in STORAGE_ERRNOS:
+            where = cur.filename
+            inside = where is not None and any(
+                _is_within(Path(str(where)), Path(r)) for r in roots)
+            if cur.errno in (errno.ENOSPC, errno.EDQUOT) or inside:
+                folder = Path(str(where)).parent if where is not None else None
+                text = os.strerror(cur.errno) if cur.errno else str(cur)
+                return f"cannot write {folder if folder else 'the workdir'}: {text}"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(Path(root).resolve())
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -84,9 +122,12 @@ class ArtifactStore:
     @contextmanager
     def writing(self, stage: str, video_id: str) -> Iterator[Path]:
         """Yield an empty temporary folder; on normal exit it replaces the entry."""
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_root / f"{stage}-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot create a folder in {self.tmp_root}: "
+                               f"{exc.strerror or exc}", str(self.tmp_root)) from exc
         try:
             yield tmp
         except BaseException:
