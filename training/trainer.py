@@ -285,6 +285,14 @@ class Trainer:
         return out, float(flat[at]), int(round(float(flat[at + 1])))
 
     def train_step(self) -> dict[str, float]:
+        # Dropout draws from torch's global generator: seed it from (seed, step, rank) so a
+        # resumed run draws the masks an uninterrupted one would, and restore it after.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(self._rng(3, self.rank).integers(2**62)))
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
         chosen = np.flatnonzero(self._rng(0).random(len(self.train)) < self.sample_rate)
         mine = chosen[self.rank::self.world]
@@ -367,7 +375,12 @@ class Trainer:
                 torch.distributed.barrier()
             log.info("epoch %d: loss %.3f, test accuracy %.3f, ε %s", epoch, row["loss"],
                      row["test_accuracy"], row["epsilon"])
-        return self.summary()
+        out = self.summary()
+        if self.rank == 0:
+            # A kill between the last checkpoint.pt and its metrics.json leaves the metrics
+            # an epoch behind; a resume with no step left must still bring them up to date.
+            _atomic_json(out, self.out / "metrics.json")
+        return out
 
     def summary(self) -> dict[str, Any]:
         p = self.cfg.privacy
