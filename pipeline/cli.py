@@ -6,6 +6,9 @@
     avatarize status [--config FILE]
     avatarize sample-data DIR [--videos N] [--seed S]
     avatarize sample-data DIR --benchmark [--people N --repetitions R --actions a,b ...]
+    avatarize train | evaluate | audit ...    private training (training/)
+    avatarize evaluate --privacy --original DIR --method NAME=DIR ...   privacy report
+    avatarize attack | baseline | motion | tubelet ...   attackers and anonymizers (privacy/)
     avatarize doctor
 
 Exit codes: 0 every video succeeded; 1 the run finished but some videos failed;
@@ -210,6 +213,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.run import evaluate
 
+    if args.privacy == "report":
+        from privacy.report import cmd_privacy_report
+
+        return cmd_privacy_report(args)
     _train_overrides(args)
     result = evaluate(_load(args), args.checkpoint)
     for name in ("anonymized", "original"):
@@ -323,8 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument("--input", type=Path, help="the original videos (run.input)")
         tr.add_argument("--output", type=Path, help="the exported dataset (run.output)")
         tr.add_argument("--workdir", type=Path, help="artifact folder (runs go to training/)")
-        tr.add_argument("--privacy", choices=("none", "dpsgd", "maskdp"),
-                        help="train.privacy.mode")
+        if name == "evaluate":
+            tr.add_argument("--privacy", nargs="?", const="report",
+                            choices=("none", "dpsgd", "maskdp", "report"),
+                            help="train.privacy.mode; without a value: the privacy report "
+                            "(--original, --method NAME=DIR, ...; privacy/report.py)")
+        else:
+            tr.add_argument("--privacy", choices=("none", "dpsgd", "maskdp"),
+                            help="train.privacy.mode")
         tr.add_argument("--epsilon", type=float, help="train.privacy.epsilon (target)")
         tr.add_argument("--delta", type=float, help="train.privacy.delta")
         tr.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -332,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             tr.add_argument("--checkpoint", type=Path,
                             help="checkpoint.pt or its run folder (default: the train run's)")
+            from privacy.report import add_privacy_args
+
+            add_privacy_args(tr)
         if name == "audit":
             tr.add_argument("--region", choices=("sensitive", "public"),
                             help="where the canaries go (default sensitive; public: the "
