@@ -261,12 +261,9 @@ def _job(inputs: dict[str, Any], out: Path, source: Path | None = None) -> Any:
 
 # ---------------------------------------------------------------------------- timing
 
-def time_harmonize(inputs: dict[str, Any], out: Path, **config: Any) -> dict[str, Any]:
-    """Run the harmonize stage once; model loading (setup) is timed apart."""
-    from stages.harmonize import HarmonizeConfig, HarmonizeStage
-
-    job = _job(inputs, out)
-    stage = HarmonizeStage(HarmonizeConfig(**config), job.run)
+def _timed(stage: Any, job: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Run one stage on one job; model loading (setup) is timed apart. `keys`: summary
+    entries copied into the record where present."""
     started = time.perf_counter()
     stage.setup()
     load = time.perf_counter() - started
@@ -278,8 +275,16 @@ def time_harmonize(inputs: dict[str, Any], out: Path, **config: Any) -> dict[str
     return {"frames": frames, "seconds": round(seconds, 3), "load_seconds": round(load, 3),
             "s_per_frame": round(seconds / frames, 4),
             "frames_per_s": round(frames / seconds, 3),
-            **({"repainted_crops": summary["repainted_crops"]} if "repainted_crops" in summary
-               else {})}
+            **{k: summary[k] for k in keys if k in summary}}
+
+
+def time_harmonize(inputs: dict[str, Any], out: Path, **config: Any) -> dict[str, Any]:
+    """Run the harmonize stage once; model loading (setup) is timed apart."""
+    from stages.harmonize import HarmonizeConfig, HarmonizeStage
+
+    job = _job(inputs, out)
+    return _timed(HarmonizeStage(HarmonizeConfig(**config), job.run), job,
+                  ("repainted_crops",))
 
 
 def synthetic_inpaint_inputs(root: Path, frames: int = SYNTH_FRAMES,
@@ -316,19 +321,9 @@ def time_inpaint(inputs: dict[str, Any], out: Path, **config: Any) -> dict[str, 
     from stages.inpaint import InpaintConfig, InpaintStage
 
     job = _job(inputs, out, source=inputs["source"])
-    stage = InpaintStage(InpaintConfig(**config), job.run)
-    started = time.perf_counter()
-    stage.setup()
-    load = time.perf_counter() - started
-    started = time.perf_counter()
-    summary = stage.process(job)
-    seconds = time.perf_counter() - started
-    frames = int(summary["frames"])
-    keys = ("hole_fraction", "sd_filled_fraction", "sd_fill_crops", "sd_fill_carried_frames",
-            "sd_fill_seconds")
-    return {"frames": frames, "seconds": round(seconds, 3), "load_seconds": round(load, 3),
-            "s_per_frame": round(seconds / frames, 4),
-            **{k: summary[k] for k in keys if k in summary}}
+    return _timed(InpaintStage(InpaintConfig(**config), job.run), job,
+                  ("hole_fraction", "sd_filled_fraction", "sd_fill_crops",
+                   "sd_fill_carried_frames", "sd_fill_seconds"))
 
 
 def bench_cpu_tiny(scratch: Path, steps: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ CLI (registered by `add_cli`):
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.store import write_json_atomic
 from privacy.labels import load_labels
 from privacy.metrics import accuracy, chance_level
 from privacy.motion_data import MotionSet, load_split
@@ -144,8 +144,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
               "results": result}
     print(format_table(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.out, report)
     return 0
 
 

@@ -30,7 +30,6 @@ CLI (registered by `add_cli`):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -44,6 +43,7 @@ from pydantic import Field, ValidationError
 from torch import nn
 
 from pipeline.config import ConfigError, Section
+from pipeline.store import write_json_atomic
 from privacy.labels import ATTRIBUTES
 from privacy.metrics import accuracy, chance_level, cmap_f1
 from privacy.video_data import ClipConfig, MethodVideos, VideoClips, clips_of, load_method
@@ -383,8 +383,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     report = attack_videos(args.method_dir, args.dataset, cfg)
     print(format_table(report))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json_atomic(args.out, report)
     return 0
 
 

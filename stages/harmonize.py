@@ -442,13 +442,9 @@ class HarmonizeStage(Stage):
         on the rendered avatar up to its body proportions."""
         from stages.body import COCO23
 
-        # A job built by hand without the motion stage (tests) reads fit's bodies.
-        source = "motion" if "motion" in job.inputs else "fit"
-        if source not in job.inputs:
-            raise VideoFailed("harmonize.control=keypoints reads motion/bodies.npz: no input")
-        path = Path(job.inputs[source]) / "bodies.npz"
+        path = Path(job.inputs["motion"]) / "bodies.npz"
         if not path.is_file():
-            raise VideoFailed(f"{source}/{job.video.id}/bodies.npz missing")
+            raise VideoFailed(f"motion/{job.video.id}/bodies.npz missing")
         with np.load(path) as z:
             if not {"joints3d", "camera", "present"} <= set(z.files):
                 raise VideoFailed(f"{path.name} lacks joints3d, camera or present "

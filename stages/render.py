@@ -328,9 +328,7 @@ class RenderStage(Stage):
         if fitted is not None and fitted != self.body.kind:
             raise VideoFailed(f"fit used body model {fitted}, render is set to "
                               f"{self.body.kind} (body.model): rerun fit")
-        # A job built by hand without the motion stage (tests) reads fit's bodies.
-        source = job.inputs.get("motion", job.inputs["fit"])
-        bodies = load_bodies(source / "bodies.npz", frames, self.body.num_bones,
+        bodies = load_bodies(job.inputs["motion"] / "bodies.npz", frames, self.body.num_bones,
                              len(self.body.shape_labels))
 
         identities = self._identities(job, bodies)

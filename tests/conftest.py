@@ -17,6 +17,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 REAL_VIDEOS = SHARED_DATA / "videos"
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny networks run faster so, and CI's two cores
+    are shared. Modules of tiny-network tests use it with pytest.mark.usefixtures."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_videos() -> Path:
     if not REAL_VIDEOS.is_dir():

@@ -33,12 +33,7 @@ from stages.motion import MotionConfig, MotionStage
 L_WRIST = COCO23.index("left_wrist")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**changes) -> AnonymizerTrainConfig:

@@ -32,14 +32,7 @@ from privacy.motion_data import (
     synthetic_sets,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run faster on one thread, and CI's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sequence(seed: int = 0, frames: int = 20) -> np.ndarray:

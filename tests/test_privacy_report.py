@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from test_video_attack import make_square_dataset
 
 from pipeline.config import ConfigError
@@ -43,12 +42,7 @@ ATTACK = ["archs=[frame2d]", "width=8", "epochs=1", "min_steps=60", "batch=16", 
           "motion.steps=40", "motion.archs=[tcn]", "motion.width=16", "motion.frames=12"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _manifest_rows(root: Path) -> list[list[str]]:

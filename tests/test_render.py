@@ -99,7 +99,8 @@ def _job(tmp: Path, name: str, frames: int = T) -> VideoJob:
     video = {"width": W, "height": H, "fps_num": 25, "fps_den": 1, "frame_count": frames}
     return VideoJob(
         video=VideoItem(id=VIDEO_ID, path=tmp / "clip_01.mp4", rel_path="wave/clip_01.mp4"),
-        inputs={"detect": tmp / "detect", "fit": tmp / "fit"},
+        # motion disabled: its bodies.npz is fit's, byte for byte
+        inputs={"detect": tmp / "detect", "fit": tmp / "fit", "motion": tmp / "fit"},
         out_dir=out,
         run=RunSection(chunk_frames=3),
         upstream={"detect": {"video": video, "tracks": 1}},

@@ -72,7 +72,8 @@ def _job(tmp: Path, name: str, body_model: str | None = None) -> VideoJob:
         upstream["fit"] = {"body_model": body_model}
     return VideoJob(video=VideoItem(id=VIDEO_ID, path=tmp / "clip_01.mp4",
                                     rel_path="wave/clip_01.mp4"),
-                    inputs={"detect": tmp / "detect", "fit": tmp / "fit"}, out_dir=out,
+                    inputs={"detect": tmp / "detect", "fit": tmp / "fit",
+                            "motion": tmp / "fit"}, out_dir=out,
                     run=RunSection(chunk_frames=3), upstream=upstream)
 
 

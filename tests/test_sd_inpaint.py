@@ -397,8 +397,8 @@ def test_keypoint_controlnet_sees_the_avatars_skeleton(tmp_path, tiny):
     job = make_job(tmp, dark_plate(), np.zeros((T, H, W), np.uint8), avatar)
     add_render_extras(job, avatar)
     (job.inputs["render"] / "depth.mkv").unlink()  # the keypoint control does not read it
-    write_bodies(tmp / "fit")
-    job.inputs["fit"] = tmp / "fit"
+    write_bodies(tmp / "motion")
+    job.inputs["motion"] = tmp / "motion"
     stage = HarmonizeStage(cfg, job.run)
     stage.setup()
     pipe, controls = stage.pipe, []
@@ -433,6 +433,6 @@ def test_keypoint_control_without_the_fit_artifact_fails_the_video(tmp_path, tin
     cfg = sd_config(tiny["model"], controlnet=str(tiny["controlnet"]), control="keypoints")
     job = make_job(tmp_path, dark_plate(), np.zeros((T, H, W), np.uint8), ellipse_avatar())
     add_render_extras(job, ellipse_avatar())
-    job.inputs["fit"] = tmp_path / "fit"
+    job.inputs["motion"] = tmp_path / "motion"
     with pytest.raises(VideoFailed, match="bodies.npz missing"):
         HarmonizeStage(cfg, job.run).process(job)

@@ -73,12 +73,7 @@ def bench(tmp_path_factory) -> Path:
     return write_benchmark(tmp_path_factory.mktemp("tubelet_bench"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masked_attention_ignores_dropped_tokens():
