@@ -27,6 +27,7 @@ its number of clips.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -166,6 +167,10 @@ def _opacus_grad_samples(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: 
     return grads, losses.detach()
 
 
+_WAYS = ("hooks", "clone", "opacus")
+_way_of: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
 def per_sample_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-sample gradients (N, *p.shape) of every trainable parameter of `model`, in
@@ -181,16 +186,22 @@ def per_sample_gradients(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: 
 
     if isinstance(model, GradSampleModule):
         return _opacus_grad_samples(model, loss_fn, x, y)
-    found = _hooked_grad_samples(model, loss_fn, x, y)
-    if found is None:
-        found = _hooked_grad_samples(model, loss_fn, x, y, clone_outputs=True)
-    if found is not None:
-        return found
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    try:
-        return _opacus_grad_samples(gsm, loss_fn, x, y)
-    finally:
-        gsm._close()
+    # A model is tried from the way that last worked for it, so a model that needs copied
+    # outputs or Opacus does not pay a failed forward pass on every step.
+    first = _WAYS.index(_way_of.get(model, "hooks"))
+    for way in _WAYS[first:]:
+        if way == "opacus":
+            _way_of[model] = way
+            gsm = GradSampleModule(model, loss_reduction="sum")
+            try:
+                return _opacus_grad_samples(gsm, loss_fn, x, y)
+            finally:
+                gsm._close()
+        found = _hooked_grad_samples(model, loss_fn, x, y, clone_outputs=way == "clone")
+        if found is not None:
+            _way_of[model] = way
+            return found
+    raise AssertionError("unreachable: the opacus way always returns")
 
 
 # ---- MaskDP -------------------------------------------------------------------------

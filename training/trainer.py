@@ -376,7 +376,7 @@ class Trainer:
             log.info("epoch %d: loss %.3f, test accuracy %.3f, ε %s", epoch, row["loss"],
                      row["test_accuracy"], row["epsilon"])
         out = self.summary()
-        if self.rank == 0:
+        if self.rank == 0 and epochs_run == 0:
             # A kill between the last checkpoint.pt and its metrics.json leaves the metrics
             # an epoch behind; a resume with no step left must still bring them up to date.
             _atomic_json(out, self.out / "metrics.json")
