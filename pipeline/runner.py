@@ -37,9 +37,6 @@ from pipeline.store import ArtifactStore, StorageError, storage_problem
 
 log = logging.getLogger("avatarize")
 
-# Re-runs of a video's stage after an unexpected error or a dead worker (run.retries).
-DEFAULT_RETRIES = 2
-
 
 @dataclass
 class VideoOutcome:
@@ -166,7 +163,7 @@ class Runner:
         self.store.clean_tmp()
         outcomes = {v.id: VideoOutcome(v) for v in videos}
         report = RunReport(list(outcomes.values()), stages)
-        retries = int(getattr(self.config.run, "retries", DEFAULT_RETRIES))
+        retries = self.config.run.retries
         for name in stages:
             instance = self.instance(name)
             started = time.perf_counter()
