@@ -7,13 +7,16 @@ For a video with id `a/b` it writes, into the output folder:
     a/b.preview.mp4   with export.preview=true: original | anonymized side by side
 and, after all videos, dataset.json: every video, its label and split, status and reason.
 Each file is written under a temporary name and renamed, so a killed run never leaves a
-half-written video that looks finished.
+half-written video that looks finished; the temporary files of a killed export are removed
+at the end of the next export (`sweep_orphaned_tmp`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import uuid
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +30,8 @@ from pipeline.dataset import VideoItem
 from pipeline.stage import Stage, VideoJob
 from pipeline.store import write_json_atomic
 from pipeline.video import VideoWriter, iter_chunks, iter_frames
+
+log = logging.getLogger(__name__)
 
 MASK_SUFFIX = ".mask.mp4"
 PREVIEW_SUFFIX = ".preview.mp4"
@@ -45,6 +50,27 @@ def _replace_into(tmp: Path, final: Path) -> None:
 
 def _tmp_for(final: Path) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
+
+
+# What _tmp_for and write_json_atomic name their files; nothing else in an output folder
+# looks like this (hidden, a hex stamp, then .tmp).
+_TMP_NAME = re.compile(r"^\..+\.([0-9a-f]{8}\.tmp\.[A-Za-z0-9]+|[0-9a-f]{32}\.tmp)$")
+
+
+def sweep_orphaned_tmp(output: Path, video_ids: list[str]) -> list[Path]:
+    """Delete the temporary files a killed export left in the output folders of these
+    videos (a SIGKILLed process or a dead Ray worker never runs its cleanup). Only called
+    when no export task is in flight. Returns what was deleted."""
+    removed = []
+    folders = {output} | {(output / vid).parent for vid in video_ids}
+    for folder in sorted(folders):
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if _TMP_NAME.match(f.name) and f.is_file():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 class ExportStage(Stage):
@@ -164,7 +190,11 @@ class ExportStage(Stage):
         }
 
     def finish(self, runner: Any, report: Any) -> None:
-        """dataset.json: every video of this run, its status and, if failed, why."""
+        """dataset.json: every video of this run, its status and, if failed, why; and no
+        temporary file of a killed export left behind."""
+        removed = sweep_orphaned_tmp(self.run.output, [o.video.id for o in report.outcomes])
+        if removed:
+            log.info("removed %d temporary files of interrupted exports", len(removed))
         videos = []
         for o in report.outcomes:
             entry = {

@@ -163,6 +163,31 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     for f in (tmp_path / "ref_out").rglob("*"):
         if f.is_file() and f.name != "dataset.json":
             same_artifact(f, out / f.relative_to(tmp_path / "ref_out"))
+    # No temporary file of a killed export is left in the dataset.
+    files = sorted(f.relative_to(out) for f in out.rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(tmp_path / "ref_out")
+                           for f in (tmp_path / "ref_out").rglob("*") if f.is_file())
+
+
+def test_orphaned_export_tmp_files_are_swept(tmp_path):
+    from stages.export import _tmp_for, sweep_orphaned_tmp
+
+    out = tmp_path / "out"
+    (out / "wave").mkdir(parents=True)
+    (out / "other").mkdir()
+    final = out / "wave" / "a.mp4"
+    final.write_bytes(b"finished")
+    orphans = [_tmp_for(final), _tmp_for(out / "wave" / "a.mask.mp4"),
+               out / "wave" / f".a.json.{'0' * 32}.tmp", out / f".dataset.json.{'f' * 32}.tmp"]
+    for f in orphans:
+        f.write_bytes(b"half")
+    keep = [final, out / "wave" / ".hidden_user_file", out / "wave" / "b.tmp.mp4",
+            out / "other" / _tmp_for(out / "other" / "z.mp4").name]  # not this run's folder
+    for f in keep[1:]:
+        f.write_bytes(b"user")
+    removed = sweep_orphaned_tmp(out, ["wave/a", "wave/b"])
+    assert sorted(removed) == sorted(orphans)
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in orphans)
 
 
 # ---- disk full and unwritable folders ---------------------------------------------------
