@@ -9,7 +9,7 @@ always answering the training split's most common class (privacy.metrics.chance_
 The same training gives the utility side: an action classifier on the same joints.
 
 CLI (registered by `add_cli`):
-    avatarize motion attack --dataset DIR [--workdir W --stage fit|motion | --stage gt]
+    avatarize motion attack --dataset DIR [--workdir W --stage fit|motion|render | --stage gt]
     avatarize motion train ...   (privacy.motion_anonymizer)
 """
 
@@ -122,10 +122,12 @@ def format_table(result: dict[str, Any]) -> str:
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", type=Path, required=True,
                    help="the generated dataset with labels (manifest.csv + .json sidecars)")
-    p.add_argument("--workdir", type=Path, help="pipeline workdir (fit/ and motion/ joints)")
-    p.add_argument("--stage", choices=("fit", "motion", "gt"), default="fit",
-                   help="whose joints: fit (clean), motion (anonymized) or gt (the "
-                   "generator's .gt.npz)")
+    p.add_argument("--workdir", type=Path,
+                   help="pipeline workdir (fit/, motion/ and render/ joints)")
+    p.add_argument("--stage", choices=("fit", "motion", "render", "gt"), default="fit",
+                   help="whose joints: fit (the real person), motion (anonymized poses on "
+                   "the fitted shape), render (the avatars as drawn: what the output shows) "
+                   "or gt (the generator's .gt.npz)")
     p.add_argument("--frames", type=int, default=64, help="sequence length after resampling")
     p.add_argument("--scale-normalize", action="store_true",
                    help="divide by the torso length (removes body size, keeps proportions)")

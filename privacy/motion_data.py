@@ -3,8 +3,11 @@
 A video gives one sequence: its main person track (the one present in the most frames),
 COCO-23 keypoints in camera coordinates (stages.body.COCO23), from
 
-- a pipeline workdir: fit/<id>/bodies.npz (`joints3d`), or motion/<id>/bodies.npz when the
-  motion stage anonymized it (same format);
+- a pipeline workdir: fit/<id>/bodies.npz (`joints3d`: the real person as fitted),
+  motion/<id>/bodies.npz (the anonymized poses, still on the fitted shape: what render
+  reads), or render/<id>/avatar_joints.npz (the avatars as drawn: the motion the output
+  shows, on the avatar's new body; what an attacker with a perfect pose estimator would
+  get from the output video);
 - the generator's ground truth: <dataset>/<id>.gt.npz (`joints3d`, one person).
 
 Normalization follows Moon et al. (PRIVACY_EVAL.md section 1), with one difference said
@@ -39,7 +42,7 @@ NUM_JOINTS = len(COCO23)
 L_HIP, R_HIP = COCO23.index("left_hip"), COCO23.index("right_hip")
 L_SHOULDER, R_SHOULDER = COCO23.index("left_shoulder"), COCO23.index("right_shoulder")
 
-Source = Literal["fit", "motion", "gt"]
+Source = Literal["fit", "motion", "render", "gt"]
 
 
 class MotionDataError(ConfigError):
@@ -132,7 +135,8 @@ def read_sequence(source: Source, video_id: str, workdir: Path | None = None,
     else:
         if workdir is None:
             raise MotionDataError(f"{source} joints need the workdir")
-        path = Path(workdir) / source / video_id / "bodies.npz"
+        name = "avatar_joints.npz" if source == "render" else "bodies.npz"
+        path = Path(workdir) / source / video_id / name
         key, present = "joints3d", "present"
     if not path.is_file():
         raise MotionDataError(f"{path}: missing")

@@ -7,7 +7,8 @@ avatars with motion anonymization, the tubelet anonymizer, ...):
   skin tone, build, and the action as utility) the best architecture's accuracy, every
   architecture's, and chance; cMAP / F1 over the private attributes;
 - the motion attack (privacy.motion_attack) where the method has joint sequences (a
-  pipeline workdir: motion/ joints when the motion stage ran enabled, else fit/; or the
+  pipeline workdir: render/ avatar joints, the motion the output shows, where render wrote
+  them; else motion/ joints when the motion stage ran enabled, else fit/; or the
   generator's ground truth): identity and gender accuracy against chance;
 - the action accuracy of a recognizer trained by `avatarize train` where its run folder is
   given (metrics.json: the last epoch's test accuracy; evaluation.json when present), and
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON = "privacy_report.json"
 REPORT_MD = "privacy_report.md"
-MOTION_SOURCES = ("fit", "motion", "gt")
+MOTION_SOURCES = ("fit", "motion", "render", "gt")
 DEFAULT_MOTION = {"steps": 300, "batch": 32, "lr": 3e-3, "width": None, "seed": 0,
                   "archs": ["tcn", "stgcn"], "targets": ["identity", "gender"],
                   "frames": 64, "scale_normalize": False}
@@ -61,8 +62,8 @@ DEFAULT_MOTION = {"steps": 300, "batch": 32, "lr": 3e-3, "width": None, "seed": 
 @dataclass
 class MethodSpec:
     """One row of the report. `motion`: a pipeline workdir with joints (or None);
-    `motion_source`: fit, motion, gt or auto (motion/ where the motion stage ran enabled,
-    else fit/);
+    `motion_source`: fit, motion, render, gt or auto (render/ avatar joints where render
+    wrote them, else motion/ where the motion stage ran enabled, else fit/);
     `train_run`: an `avatarize train` run folder (metrics.json); `bench`: a `make bench`
     results folder for the real-video residual and fidelity."""
 
@@ -118,7 +119,7 @@ def parse_methods(original: Path, methods: list[str] | None, motion: list[str] |
             spec.motion, spec.motion_source = None, "gt"
             continue
         source = "auto"
-        for s in ("fit", "motion"):
+        for s in ("fit", "motion", "render"):
             if value.endswith(f"@{s}"):
                 value, source = value[: -len(s) - 1], s
         spec.motion, spec.motion_source = _folder("--motion", text, value), source
@@ -292,7 +293,7 @@ def _motion_attack(spec: MethodSpec, original: Path, table: LabelTable,
     source = spec.motion_source
     if source == "auto":
         assert spec.motion is not None
-        source = "motion" if _motion_stage_ran(spec.motion, table) else "fit"
+        source = _auto_motion_source(spec.motion, table)
     sets = [load_split(table, split, source, m["frames"], spec.motion, original,
                        scale=m["scale_normalize"]) for split in ("train", "test")]
     config = TrainConfig(steps=m["steps"], batch=m["batch"], lr=m["lr"], width=m["width"],
@@ -302,6 +303,14 @@ def _motion_attack(spec: MethodSpec, original: Path, table: LabelTable,
     return {"source": source, "workdir": str(spec.motion) if spec.motion else None,
             "sequences": {"train": len(sets[0].ids), "test": len(sets[1].ids)},
             "results": results}
+
+
+def _auto_motion_source(workdir: Path, table: LabelTable) -> str:
+    """render (the avatars as drawn: what the output shows) where render wrote them, else
+    motion where the motion stage anonymized, else fit."""
+    if any((workdir / "render" / v.id / "avatar_joints.npz").is_file() for v in table.videos):
+        return "render"
+    return "motion" if _motion_stage_ran(workdir, table) else "fit"
 
 
 def _motion_stage_ran(workdir: Path, table: LabelTable) -> bool:
@@ -590,9 +599,11 @@ def add_privacy_args(parser: argparse.ArgumentParser) -> None:
                    "folder (manifest.csv); repeatable")
     g.add_argument("--motion", dest="privacy_motion", action="append",
                    metavar="NAME=WORKDIR",
-                   help="the method's pipeline workdir for the motion attack (motion/ joints "
-                   "where the motion stage ran enabled, else fit/; force with WORKDIR@fit "
-                   "or WORKDIR@motion), or NAME=gt for the generator's true joints; repeatable")
+                   help="the method's pipeline workdir for the motion attack (render/ avatar "
+                   "joints, the motion the output shows, where present; else motion/ where "
+                   "the motion stage ran enabled, else fit/; force with WORKDIR@fit, "
+                   "WORKDIR@motion or WORKDIR@render), or NAME=gt for the generator's true "
+                   "joints; repeatable")
     g.add_argument("--train-run", dest="privacy_train_runs", action="append",
                    metavar="NAME=RUN",
                    help="an `avatarize train` run folder on the method's videos "

@@ -50,6 +50,9 @@ render/<id>/
                  phenotype or beta0..), per track: slot, track_id, estimated_phenotype,
                  the sampled appearance (phenotype or betas, skin tone, hair, head cover,
                  clothes: top pattern, bottom style incl. skirt/dress and its pattern, seed)
+    avatar_joints.npz  joints3d (T, P, 23, float32, NaN where absent): the avatars' COCO-23
+                 keypoints as drawn (camera metres, new shape, after the shift); present,
+                 track_ids, camera as in bodies.npz
 
 inpaint/<id>/
     plate.mkv    rgb, the clean plate: the real people removed

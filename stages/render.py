@@ -29,8 +29,11 @@ avatars (stages.rendering.LightEstimator), smoothed over time; lighting=fixed us
 configured values as they are.
 
 Artifacts (see stages/__init__.py): avatar.mkv (RGBA, straight alpha), depth.mkv (uint16
-millimetres, 0 where no avatar), instances.mkv (gray8, 1 + track slot, 0 where no avatar)
-and identities.json.
+millimetres, 0 where no avatar), instances.mkv (gray8, 1 + track slot, 0 where no avatar),
+identities.json, and avatar_joints.npz: the COCO-23 keypoints of the avatars exactly as
+drawn (camera coordinates, after the shift), i.e. the motion the output shows, the best a
+pose estimator run on the output could recover; the motion attackers read it
+(privacy.motion_data, source `render`).
 """
 
 from __future__ import annotations
@@ -273,7 +276,7 @@ def depth_to_mm(depth: np.ndarray) -> np.ndarray:
 
 class RenderStage(Stage):
     name = "render"
-    version = "3"
+    version = "4"
     # Bodies come from motion (fit's, anonymized or passed through); fit's summary names
     # the body model they were fitted with.
     requires = ("detect", "fit", "motion")
@@ -337,11 +340,12 @@ class RenderStage(Stage):
 
         covered, gains = 0.0, []
         out = job.out_dir
+        avatar_joints = np.full((*bodies.present.shape, len(COCO23), 3), np.nan, np.float32)
         with VideoWriter(out / "avatar.mkv", fps, width, height, kind="rgba") as rgba_out, \
                 VideoWriter(out / "depth.mkv", fps, width, height, kind="gray16") as depth_out, \
                 VideoWriter(out / "instances.mkv", fps, width, height, kind="gray") as inst_out:
             for rgba, depth, inst, light in self._frames(job, bodies, identities, painted,
-                                                          width, height):
+                                                          width, height, avatar_joints):
                 rgba_out.write(rgba)
                 depth_out.write(depth_to_mm(depth))
                 inst_out.write(inst)
@@ -350,6 +354,9 @@ class RenderStage(Stage):
                     gains.append(self._gain(light))
         if rgba_out.frames != frames:
             raise VideoFailed(f"wrote {rgba_out.frames} frames, expected {frames}")
+        with (out / "avatar_joints.npz").open("wb") as fh:
+            np.savez_compressed(fh, joints3d=avatar_joints, present=bodies.present,
+                                track_ids=bodies.track_ids, camera=bodies.camera)
         return {
             "tracks": len(identities),
             "identities": [{"track_id": int(tid), **ident.short()}
@@ -428,9 +435,10 @@ class RenderStage(Stage):
 
     def _frames(self, job: VideoJob, bodies: Bodies, identities: list[Identity],
                 painted: list[PaintedMesh], width: int, height: int,
+                joints_out: np.ndarray,
                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, Lighting | None]]:
         """(RGBA, depth in metres, instance ids, lighting or None) per frame, bodies posed
-        chunk by chunk."""
+        chunk by chunk; the avatars' keypoints go into joints_out (T, P, 23, 3)."""
         frames = bodies.present.shape[0]
         chunk = job.run.chunk_frames
         empty = (np.zeros((height, width, 4), np.uint8), np.zeros((height, width), np.float32),
@@ -449,7 +457,10 @@ class RenderStage(Stage):
             stop = min(start + chunk, frames)
             src = next(sources)
             entries = np.argwhere(bodies.present[start:stop])  # (n, 2): frame offset, track
-            verts = self._pose(bodies, new_phen, entries + [start, 0]) if len(entries) else None
+            verts = None
+            if len(entries):
+                verts, kps = self._pose(bodies, new_phen, entries + [start, 0])
+                joints_out[entries[:, 0] + start, entries[:, 1]] = kps
             for dt in range(stop - start):
                 rows = np.nonzero(entries[:, 0] == dt)[0]
                 if len(rows) == 0:
@@ -477,11 +488,13 @@ class RenderStage(Stage):
         sources.close()  # closes the source decoder before the video ends
 
     @torch.no_grad()
-    def _pose(self, bodies: Bodies, new_phen: np.ndarray, entries: np.ndarray) -> np.ndarray:
-        """Model vertices (n, V, 3) of the avatars at (frame, track) `entries`, shifted so
-        each avatar's mid-hip sits where the fitted real body's did."""
+    def _pose(self, bodies: Bodies, new_phen: np.ndarray, entries: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Model vertices (n, V, 3) and COCO-23 keypoints (n, 23, 3) of the avatars at
+        (frame, track) `entries`, shifted so each avatar's mid-hip sits where the fitted real
+        body's did."""
         t, p = entries[:, 0], entries[:, 1]
-        out = []
+        out, kps = [], []
         for s in range(0, len(entries), FORWARD_BATCH):
             sl = slice(s, s + FORWARD_BATCH)
             pose, orient, transl = (self._tensor(x[t[sl], p[sl]])
@@ -494,7 +507,8 @@ class RenderStage(Stage):
             scale = _chain_length(avatar["keypoints"]) / _chain_length(real).clamp(min=1e-6)
             shift = real_hip * scale[:, None] - new_hip
             out.append((avatar["vertices"] + shift[:, None]).cpu().numpy())
-        return np.concatenate(out)
+            kps.append((avatar["keypoints"] + shift[:, None]).cpu().numpy())
+        return np.concatenate(out), np.concatenate(kps).astype(np.float32)
 
     def _real_keypoints(self, bodies: Bodies, t: np.ndarray, p: np.ndarray, pose: torch.Tensor,
                         orient: torch.Tensor, transl: torch.Tensor) -> torch.Tensor:

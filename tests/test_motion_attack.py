@@ -97,6 +97,11 @@ def test_sequences_come_from_the_main_track_and_the_ground_truth(tmp_path):
     np.testing.assert_allclose(read_sequence("gt", "b", dataset=tmp_path), main, atol=1e-6)
     with pytest.raises(MotionDataError, match="missing"):
         read_sequence("motion", "a", workdir=tmp_path)
+    (tmp_path / "render" / "a").mkdir(parents=True)
+    np.savez(tmp_path / "render" / "a" / "avatar_joints.npz", joints3d=joints * 0.9,
+             present=present)
+    np.testing.assert_allclose(read_sequence("render", "a", workdir=tmp_path), main * 0.9,
+                               atol=1e-6)
 
 
 def test_fresh_attackers_identify_people_well_above_chance():

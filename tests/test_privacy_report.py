@@ -270,7 +270,7 @@ def test_bad_flags_name_the_flag_and_the_problem(data, tmp_path):
 
 def test_motion_source_follows_the_motion_stage(data, tmp_path):
     from privacy.labels import load_labels
-    from privacy.report import MethodSpec, _motion_stage_ran
+    from privacy.report import MethodSpec, _auto_motion_source, _motion_stage_ran
 
     table = load_labels(data["orig"])
     work = tmp_path / "work"
@@ -281,6 +281,11 @@ def test_motion_source_follows_the_motion_stage(data, tmp_path):
     assert not _motion_stage_ran(work, table)  # a pass-through: fit's joints
     meta.write_text(json.dumps({"stage": "motion", "summary": {"enabled": True}}))
     assert _motion_stage_ran(work, table)
+    assert _auto_motion_source(work, table) == "motion"
+    # Where render wrote the avatars' joints, those are what the output shows.
+    (work / "render" / vid).mkdir(parents=True)
+    (work / "render" / vid / "avatar_joints.npz").write_bytes(b"")
+    assert _auto_motion_source(work, table) == "render"
     assert MethodSpec("a", data["orig"], motion=work).motion_source == "auto"
 
 
@@ -292,6 +297,10 @@ def test_specs_and_bench_defaults(data):
     assert specs[0].motion_source == "gt" and specs[0].motion is None
     assert specs[1].motion == data["work"] and specs[1].motion_source == "motion"
     assert specs[1].bench == data["bench"]
+    (spec,) = [s for s in parse_methods(data["orig"], [f"avatars={data['black']}"],
+                                        [f"avatars={data['work']}@render"], None, None)
+               if s.name == "avatars"]
+    assert spec.motion_source == "render"
     part = bench_part(data["bench"])
     assert part["source"] == str(data["bench"])
     assert part["residual"]["source_person_fraction"] == pytest.approx(0.2)

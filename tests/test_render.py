@@ -26,7 +26,7 @@ from stages.appearance import (
     sample_identity,
 )
 from stages.body import COCO23
-from stages.render import RenderConfig, RenderStage
+from stages.render import HIPS, RenderConfig, RenderStage
 from stages.rendering import (
     LightEstimator,
     Lighting,
@@ -179,6 +179,10 @@ def test_avatar_covers_the_fitted_body_and_depth_is_metric(stage, tmp_path):
     assert summary["tracks"] == 1
     assert 0.02 < summary["mean_coverage"] < 0.3
     assert summary["frames_with_avatar"] == T - 1
+    with np.load(job.out_dir / "avatar_joints.npz") as z:
+        drawn = z["joints3d"]
+    assert np.isnan(drawn[5]).all() and np.isfinite(np.delete(drawn, 5, axis=0)).all()
+    assert drawn.shape == joints.shape
     doc = json.loads((job.out_dir / "identities.json").read_text())
     track = doc["tracks"][0]
     assert track["track_id"] == 7 and track["seed"] == identity_seed(0, VIDEO_ID, 7)
@@ -230,6 +234,26 @@ def test_avatar_covers_the_real_person_at_its_image_size(stage, tmp_path, height
         # whatever its own height, is drawn at the real person's size.
         real_px = ankles[t, :, 1].mean() - kps[t, COCO23.index("nose"), 1]
         assert 1.0 < (rows[-1] - rows[0] + 1) / real_px < 1.35
+
+    # avatar_joints.npz: the avatar's keypoints as drawn (what the motion attackers read):
+    # on the avatar's pixels, mid-hip on the real one's pixel, but the avatar's own bones.
+    with np.load(job.out_dir / "avatar_joints.npz") as z:
+        drawn, present = z["joints3d"], z["present"]
+    assert drawn.shape == joints.shape and present.all() and np.isfinite(drawn).all()
+    uv = _project(drawn[:, 0])
+    np.testing.assert_allclose(uv[:, list(HIPS)].mean(1), hips.mean(1), atol=0.05)
+    names = ("left_shoulder", "right_shoulder", "left_hip", "right_hip", "left_knee",
+             "right_knee")
+    for t in range(T):
+        for n in names:
+            u, v = np.rint(uv[t, COCO23.index(n)]).astype(int)
+            assert rgba[t, v, u, 3] > 0, (t, n)
+    hip, knee = COCO23.index("left_hip"), COCO23.index("left_knee")
+
+    def thigh(j: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(j[:, 0, knee] - j[:, 0, hip], axis=-1)
+
+    assert abs(thigh(drawn).mean() / thigh(joints).mean() - 1.0) > 0.03
 
 
 def test_identities_are_seeded_and_differ_between_tracks(stage, tmp_path):
