@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python -m pipeline.bench_bodies --out bench/results
 	$(BIN)/python -m training.bench --out bench/results
 	$(BIN)/python -m pipeline.bench_sd --out bench/results
+	$(BIN)/python -m pipeline.bench_memory --out bench/results
 
 lint: setup
 	$(BIN)/ruff check pipeline stages training privacy assets tests
