@@ -132,6 +132,13 @@ class DetectConfig(Section):
     tile_people: int = Field(
         1, ge=1, le=4, description="BlazePose: people searched per tile"
     )
+    rescan_every: int = Field(
+        1, ge=1, le=30,
+        description="BlazePose: the further searches (padded, tiles, more people) that "
+        "found nobody run again only every this many frames (those tracking someone run "
+        "every frame); faster, but a person only they find is found up to this many frames "
+        "minus one late (1: every search every frame)",
+    )
 
     @model_validator(mode="after")
     def _onnx_needs_a_model(self) -> DetectConfig:
@@ -348,6 +355,7 @@ class DetectStage(Stage):
                 tiles=cfg.tiles,
                 tile_overlap=cfg.tile_overlap,
                 tile_people=cfg.tile_people,
+                rescan_every=cfg.rescan_every,
             )
         except RuntimeError as exc:
             raise RuntimeError(f"detect.{exc}") from exc

@@ -328,6 +328,49 @@ def test_tiles_find_small_people_once_each():
         assert person.mask[y0:y1, x0:x1].sum() == person.mask.sum() == (x1 - x0) * (y1 - y0)
 
 
+def test_rescan_every_skips_idle_searches_and_finds_newcomers_late():
+    """rescan_every=3: between rescans only the first search and the searches tracking
+    someone run; a small person who appears at frame 4 is found at the next rescan
+    (frame 6), two frames late; with rescan_every=1 at once."""
+    calls: list[int] = []
+
+    class Counting(_FakeBlazePose):
+        def process(self, image):
+            calls[-1] += 1
+            return super().process(image)
+
+    def frames() -> list[np.ndarray]:
+        out = []
+        for t in range(9):
+            frame = np.full((480, 640, 3), 90, np.uint8)
+            _checker_person(frame, 60, 100, 80, 220)  # found by the whole-frame search
+            if t >= 4:
+                _checker_person(frame, 400, 40, 40, 110)  # only a tile finds it
+            out.append(frame)
+        return out
+
+    def run(every: int) -> tuple[list[int], list[int]]:
+        backend = MediapipePoseBackend(max_people=6, pad=0.25, tiles=2, rescan_every=every)
+        backend.close()
+        backend._new_pose = Counting
+        calls.clear()
+        people = []
+        for frame in frames():
+            calls.append(0)
+            people.append(len(backend.detect(frame)))
+        return people, list(calls)
+
+    people, per_frame = run(1)
+    assert people == [1, 1, 1, 1, 2, 2, 2, 2, 2]
+    assert min(per_frame) >= 6  # every search, every frame
+    people, per_frame = run(3)
+    assert people == [1, 1, 1, 1, 1, 1, 2, 2, 2]
+    assert per_frame[0] == per_frame[3] >= 6  # rescans
+    assert per_frame[1] == per_frame[2] == per_frame[4] == per_frame[5] == 1
+    # After the find, the tile tracking the small person runs every frame.
+    assert per_frame[7] == per_frame[8] == 2
+
+
 # -- real video ------------------------------------------------------------------------------
 
 
