@@ -24,6 +24,23 @@ REAL_DATA = REPO.parent / "shared" / "data" / "videos"
 DEFAULT_REAL = ("intel__asl_help.mkv", "mmaction2__demo.mp4")
 
 
+def bench_env(**extra: object) -> dict:
+    """The machine a benchmark ran on (what every results file starts with)."""
+    import torch
+
+    return {"machine": platform.machine(), "cpus": os.cpu_count(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, **extra}
+
+
+def write_results(out: Path, name: str, payload: dict, markdown: str) -> None:
+    """out/name.json and out/name.md; the Markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def stage_timings(workdir: Path, stages: list[str], video_ids: list[str]) -> dict:
     out = {}
     for stage in stages:
@@ -124,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-    import torch
-
     from stages.sample_data import generate_sample
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,14 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in real:  # links, never copies, of the shared data
             (real_dir / f.name).symlink_to(f)
         results.append(bench_dataset("real", real_dir, args.scratch, args.set))
-    env = {"machine": platform.machine(), "cpus": os.cpu_count(),
-           "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__}
-    (args.out / "pipeline.json").write_text(json.dumps({"env": env, "results": results},
-                                                       indent=2))
-    md = to_markdown(results, env)
-    (args.out / "pipeline.md").write_text(md)
-    print(md)
+    env = bench_env()
+    write_results(args.out, "pipeline", {"env": env, "results": results},
+                  to_markdown(results, env))
     return 0
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench import bench_env, write_results
 from pipeline.metrics import mpjpe, nanmean, pa_mpjpe, pck, project, reprojection_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,21 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-    import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sample = bench_sample(args.scratch, args.sample_videos, args.seed, args.set)
     real = bench_real(args.scratch, args.real, args.set)
-    env = {"machine": platform.machine(), "cpus": os.cpu_count(),
-           "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
+    env = bench_env(seconds=round(time.perf_counter() - started, 1))
     result = {"env": env, "sample": sample, "real": real}
-    (args.out / "bodies.json").write_text(json.dumps(result, indent=2))
-    md = to_markdown(result)
-    (args.out / "bodies.md").write_text(md)
-    print(md)
+    write_results(args.out, "bodies", result, to_markdown(result))
     return 0
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from pipeline.bench import bench_env, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("detect", "fit", "motion", "render", "inpaint", "harmonize", "export")
@@ -70,9 +72,8 @@ def long_video(scratch: Path, minutes: float, fps: int, width: int, height: int)
 
 def profile_run(input_dir: Path, root: Path, interval: float, overrides: list[str]) -> dict:
     """Run the pipeline on the one video in input_dir; memory samples per stage."""
-    import shutil
-
     from pipeline.dataset import discover
+    from pipeline.video import count_frames, probe
 
     (video,) = discover(input_dir)
     work, out = root / "work", root / "out"
@@ -113,8 +114,6 @@ def profile_run(input_dir: Path, root: Path, interval: float, overrides: list[st
             row.update(peak_rss_mb=round(max(rss)), first_quarter_mb=round(max(rss[:q])),
                        last_quarter_mb=round(max(rss[-q:])), samples=len(rss))
         stages[stage] = row
-    from pipeline.video import count_frames, probe
-
     info = probe(video.path)
     frames = count_frames(video.path)
     return {
@@ -164,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
-    import torch
-
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for minutes in (float(m) for m in args.minutes.split(",")):
@@ -174,13 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
         print(f"{minutes} min: peak {run['peak_rss_mb']} MB, {run['wall_seconds']} s, "
               f"exit {run['exit_code']}", flush=True)
-    env = {"machine": platform.machine(), "cpus": os.cpu_count(),
-           "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "limit_mb": LIMIT_MB}
-    (args.out / "memory.json").write_text(json.dumps({"env": env, "runs": runs}, indent=2))
-    md = to_markdown(runs, env)
-    (args.out / "memory.md").write_text(md)
-    print(md)
+    env = bench_env(limit_mb=LIMIT_MB)
+    write_results(args.out, "memory", {"env": env, "runs": runs}, to_markdown(runs, env))
     return 0 if all(r["exit_code"] == 0 for r in runs) else 1
 
 
