@@ -32,6 +32,7 @@ from pipeline.config import Config, ConfigError, fingerprint_of
 from pipeline.dataset import VideoItem
 from pipeline.executors import Executor, StageTask, TaskResult
 from pipeline.executors.local import LocalExecutor
+from pipeline.memory import release_freed_memory
 from pipeline.stage import Stage
 from pipeline.store import ArtifactStore, StorageError, storage_problem
 
@@ -187,6 +188,8 @@ class Runner:
             self.executor.run_stage(instance, tasks, self.store, retries, on_result)
             instance.finish(self, report)
             self.executor.end_stage(instance)
+            # The next stage would otherwise start on this one's heap fragments.
+            release_freed_memory()
             report.seconds[name] = time.perf_counter() - started
         return report
 

@@ -224,3 +224,15 @@ def test_shared_section_enters_the_fingerprint_of_its_readers_only(tmp_path):
     changed.run(videos)
     assert FrameMeans.calls == [] and sorted(Scaled.calls) == ["a", "b"]
     assert changed.store.get("scaled", "a").summary["total"] == pytest.approx(3 * 6 * 50)
+
+
+def test_freed_memory_released_after_each_stage(setup, monkeypatch):
+    from pipeline import runner as runner_module
+
+    make_runner, videos = setup
+    events: list[str] = []
+    monkeypatch.setattr(runner_module, "release_freed_memory",
+                        lambda: events.append("after total" if Total.calls else "after means"))
+    make_runner().run(videos)
+    # Once when means has run every video (before total starts), once after total.
+    assert events == ["after means", "after total"]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from pipeline.config import ConfigError, RunSection
 from pipeline.dataset import VideoItem
+from pipeline.memory import release_freed_memory
 from pipeline.stage import Stage, VideoFailed, VideoJob
 from pipeline.store import META, ArtifactStore, StorageError, storage_problem, write_json_atomic
 
@@ -76,10 +77,15 @@ def run_task(stage: Stage, store: ArtifactStore, task: StageTask, run: RunSectio
     """Process one video and move its artifact into place atomically; never raises for
     a per-video problem (KeyboardInterrupt and SystemExit still propagate)."""
     video = task.video
-    frames = [0]
+    frames = [0, 0]  # processed, and at the last trim
 
     def counted(n: int) -> None:
         frames[0] += n
+        if frames[0] - frames[1] >= run.chunk_frames:
+            # As between stages (the runner), so within a long video: without it detect's
+            # resident memory crept up by 100 MB over 720 frames, with it stays flat.
+            frames[1] = frames[0]
+            release_freed_memory(collect=False)
         if advance is not None:
             advance(n)
 
