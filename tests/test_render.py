@@ -362,7 +362,7 @@ def test_config_rejects_bad_values():
         RenderConfig(lighting="studio")
     with pytest.raises(ValueError):
         RenderConfig(far_gender_margin=0.6)
-    assert RenderConfig().identity == "far" and RenderConfig().lighting == "estimated"
+    assert RenderConfig().identity == "random" and RenderConfig().lighting == "estimated"
 
 
 # ------------------------------------------------------------------------- the renderer
@@ -554,6 +554,28 @@ def test_far_policy_in_the_stage(tmp_path):
         g = track["phenotype"]["gender"]
         assert (g <= 0.3) if e["gender"] >= 0.5 else (g >= 0.7)
         assert abs(track["phenotype"]["weight"] - e["weight"]) >= 0.2
+
+
+
+def test_random_policy_ignores_the_real_body(tmp_path):
+    """The default draws each avatar independently of the real person: two real people of
+    opposite gender and build get the same avatar bodies, so the output's bodies say
+    nothing about theirs (a far body would say it by inversion)."""
+    stage = RenderStage(RenderConfig(lighting="fixed"), RunSection(chunk_frames=3))  # default
+    stage.setup()
+    bodies = []
+    for k, real in enumerate((np.array([[0.9, 0.5, 0.7, 0.8, 0.4, 0.5]] * 2, np.float32),
+                              np.array([[0.1, 0.5, 0.2, 0.3, 0.4, 0.5]] * 2, np.float32))):
+        case = tmp_path / f"case{k}"
+        _write_fit(stage, case / "fit", [-0.6, 0.6], real, np.ones((T, 2), bool), [1, 2])
+        job = _job(case, "out")
+        stage.process(job)
+        doc = json.loads((job.out_dir / "identities.json").read_text())
+        assert [t["estimated_phenotype"]["gender"] for t in doc["tracks"]] == pytest.approx(
+            [real[0, 0]] * 2, abs=1e-4)
+        bodies.append([t["phenotype"] for t in doc["tracks"]])
+    stage.teardown()
+    assert bodies[0] == bodies[1]
 
 
 # ------------------------------------------------------------------------- lighting
