@@ -556,7 +556,6 @@ def test_far_policy_in_the_stage(tmp_path):
         assert abs(track["phenotype"]["weight"] - e["weight"]) >= 0.2
 
 
-
 def test_random_policy_ignores_the_real_body(tmp_path):
     """The default draws each avatar independently of the real person: two real people of
     opposite gender and build get the same avatar bodies, so the output's bodies say
