@@ -25,6 +25,7 @@ spread starts and the centre crop at test.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +109,17 @@ def _squash(frame: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(frame, (side, side), interpolation=cv2.INTER_AREA)
 
 
-def decode_video(path: Path, cfg: ClipConfig) -> np.ndarray:
-    kept = [_squash(f, cfg.decode_side)
-            for i, f in enumerate(iter_frames(path, "rgb24")) if i % cfg.stride == 0]
+def attack_frames(frames: Iterable[np.ndarray], cfg: ClipConfig) -> np.ndarray:
+    """What the attackers keep of a video: every stride-th frame, squashed to the decode
+    side (T', S, S, 3) uint8."""
+    kept = [_squash(f, cfg.decode_side) for i, f in enumerate(frames) if i % cfg.stride == 0]
+    if not kept:
+        raise ValueError("no frames")
     return np.stack(kept)
+
+
+def decode_video(path: Path, cfg: ClipConfig) -> np.ndarray:
+    return attack_frames(iter_frames(path, "rgb24"), cfg)
 
 
 def load_method(method_dir: Path, original: Path | LabelTable, cfg: ClipConfig

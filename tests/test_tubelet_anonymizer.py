@@ -29,6 +29,8 @@ from privacy.tubelet_model import (
     TubeletModelConfig,
     keep_counts,
 )
+from privacy.video_attack import VideoAttackConfig
+from privacy.video_data import ClipConfig
 from training.data import DataConfig, load_dataset
 from training.models import ModelConfig
 
@@ -117,8 +119,8 @@ def test_top_k_keeps_exact_ratio_per_frame_and_zeroes_dropped_tubelets():
 
 def test_adversarial_training_tradeoff_and_apply_writes_dataset(bench, tmp_path):
     """A short adversarial training run holds the keep ratio; the trade-off report scores
-    fresh recognizers (which do read the attribute on the originals); the trained model
-    writes a dataset that training.data loads.
+    the attack ensemble trained fresh (which does read the attribute and the action on
+    the originals); the trained model writes a dataset that training.data loads.
 
     Not asserted: that training hides the attribute from a FRESH attacker while the action
     survives. In a CPU test budget (400 steps) it did not do so reliably (fresh-attacker
@@ -129,8 +131,9 @@ def test_adversarial_training_tradeoff_and_apply_writes_dataset(bench, tmp_path)
         model=tiny_model(),
         train=ta.TubeletTrainConfig(steps=100, warmup_steps=30, batch=8, lr=2e-3,
                                     recognizer_lr=2e-3, recognizer=rec),
-        evaluate=ta.TubeletEvalConfig(steps=200, batch=8, lr=3e-3, clips=1,
-                                      keep_ratios=(0.5,), recognizer=rec))
+        evaluate=ta.TubeletEvalConfig(keep_ratios=(0.5,), attack=VideoAttackConfig(
+            clip=ClipConfig(frames=8, stride=1, size=32, crop_margin=1.0, eval_clips=1),
+            archs=("frame2d", "c3d"), width=8, min_steps=100, batch=8, lr=3e-3)))
     table = load_labels(bench)
     space = ta.label_space(table, section.train)
     assert list(space.attributes) == ["gender"]
@@ -139,11 +142,17 @@ def test_adversarial_training_tradeoff_and_apply_writes_dataset(bench, tmp_path)
     last = history[-1]
     assert last["kept"] == pytest.approx(0.5, abs=0.15)  # the ratio loss holds the ratio
     assert all(np.isfinite(v) for row in history for v in row.values())
-    report = ta.tradeoff(model, videos, space, section.evaluate)
+    report = ta.tradeoff(model, videos, table, section.evaluate)
     orig, anon = report["results"]["original"], report["results"]["keep_0.5"]
-    assert orig["attributes"]["gender"]["accuracy"] >= 0.9  # the attribute is learnable
+    # The attack ensemble reads the attribute and the action off the originals.
+    assert orig["attributes"]["gender"]["accuracy"] >= 0.9
+    assert orig["attributes"]["gender"]["best"] in ("frame2d", "c3d")
     assert orig["cmap"] >= 0.9 and orig["action_chance"] == 0.5
+    assert orig["action_top1"] >= 0.9
+    assert set(orig["attributes"]) == {"identity", "gender"}
+    assert (anon["train_videos"], anon["test_videos"]) == (24, 24)
     assert set(anon) >= {"cmap", "f1", "action_top1", "action_chance", "attributes"}
+    assert "| keep_0.5 |" in ta.format_tradeoff(report)
     json.dumps(report)
 
     ckpt = tmp_path / "model.pt"
