@@ -216,3 +216,37 @@ def test_section_overrides_and_validation(tmp_path):
         ta.load_section(None, ["tubelet.model.prune_after=[3, 12]"])  # not < depth
     with pytest.raises(ConfigError):
         ta.load_section(None, ["tubelet.model.tubelet=[2, 15]"])  # does not divide 112
+
+
+def test_tradeoff_cli_writes_json_and_reads_checkpoints_with_old_evaluate_settings(
+        bench, tmp_path):
+    """`avatarize tubelet tradeoff` through argparse: evaluation settings come from --set,
+    not the checkpoint (one written before they moved to the attack ensemble, with the
+    old recognizer keys, still loads), and the JSON has a row per keep ratio."""
+    section = ta.TubeletSection(model=tiny_model())
+    space = ta.LabelSpace(["horizontal", "vertical"], {"gender": ["female", "male"]})
+    ckpt = tmp_path / "m.pt"
+    ta.save_checkpoint(ckpt, TubeletAnonymizer(section.model).eval(), section, space, [])
+    saved = torch.load(ckpt, weights_only=True)
+    assert "evaluate" not in saved["config"]
+    saved["config"]["evaluate"] = {"steps": 400, "recognizer": {"arch": "r2plus1d"}}
+    torch.save(saved, ckpt)
+    parser = argparse.ArgumentParser()
+    ta.add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "tradeoff.json"
+    args = parser.parse_args([
+        "tubelet", "tradeoff", "--model", str(ckpt), "--dataset", str(bench),
+        "--keep-ratio", "0.25", "--out", str(out),
+        "--set", "evaluate.original=false", "--set", "evaluate.attack.archs=[frame2d]",
+        "--set", "evaluate.attack.width=4", "--set", "evaluate.attack.min_steps=5",
+        "--set", "evaluate.attack.epochs=1", "--set", "evaluate.attack.clip.size=32",
+        "--set", "evaluate.attack.clip.eval_clips=1"])
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["keep_0.25"]
+    row = report["results"]["keep_0.25"]
+    assert row["keep_ratio"] == 0.25 and (row["train_videos"], row["test_videos"]) == (24, 24)
+    assert row["attributes"]["gender"]["best"] == "frame2d"
+    assert report["evaluate"]["attack"]["archs"] == ["frame2d"]
+    with pytest.raises(ConfigError, match="evaluate"):
+        ta.load_section(None, ["evaluate.steps=400"])  # the old key is refused by name
